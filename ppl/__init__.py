@@ -1,0 +1,11 @@
+"""ppl-jax: probabilistic programs over language-model generation, on NumPyro.
+
+A program (``ppl.StateSpace``) is written with NumPyro primitives; inference
+(``ppl.inference``) transforms it into one jit-compiled function.
+"""
+
+from ppl.handlers import log_weight, observe, propose, temper
+from ppl.program import StateSpace, run_weighted
+from ppl.results import MCMCResult, SMCResult
+
+__all__ = ["MCMCResult", "SMCResult", "StateSpace", "log_weight", "observe", "propose", "run_weighted", "temper"]

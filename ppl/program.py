@@ -1,0 +1,95 @@
+"""State-space programs: the one kind of model every inference transformation accepts.
+
+A program defines an unnormalised target over trajectories ``x_{0:T}``::
+
+    gamma(x) = p(x_0) G_0(x_0) · prod_t p(x_t | x_{t-1}) G_t(x_{0:t})
+
+where ``p`` are the latent (``numpyro.sample``) sites of ``init`` / ``step`` and ``G`` are
+their potentials (``numpyro.factor``, :func:`ppl.observe`). ``Z = sum_x gamma(x)`` is the
+normalising constant inference estimates. For a language model a latent site is the next
+token (or chunk) and potentials are constraints and rewards.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from numpyro import handlers
+
+from ppl.handlers import Proposal, log_weight, propose
+
+State = Any  # a pytree of arrays: one particle's state
+
+
+class StateSpace(eqx.Module):
+    """A state-space program: ``init`` then up to ``max_steps`` calls of ``step``.
+
+    Subclass it as an ``equinox.Module``; data (observations, LM weights) are fields, so a
+    second call with new data and the same shapes does not recompile. ``init`` and ``step``
+    describe ONE particle and are written with NumPyro primitives; inference ``vmap``s them.
+
+    - ``init(self) -> state``: the initial state (e.g. a prefilled prompt); may sample/factor.
+    - ``step(self, state, t) -> state``: step ``t = 0, 1, ...`` (a traced integer); must return
+      a state with the same structure, shapes and dtypes.
+    - ``done(self, state) -> bool``: finished particles are frozen: never stepped again and
+      never re-weighted. The default never finishes.
+    """
+
+    # Subclasses declare ``max_steps: int = eqx.field(static=True)``, the most ``step`` calls.
+
+    @abc.abstractmethod
+    def init(self) -> State: ...
+
+    @abc.abstractmethod
+    def step(self, state: State, t: jax.Array) -> State: ...
+
+    def done(self, state: State) -> Bool[Array, ""]:
+        return jnp.zeros((), bool)
+
+
+def run_weighted(
+    fn: Callable[..., Any],
+    key: PRNGKeyArray,
+    *args: Any,
+    proposal: Proposal | None = None,
+) -> tuple[Any, Float[Array, ""], Float[Array, ""]]:
+    """Run ``fn(*args)`` once and return ``(value, log_weight, log_q_score)``.
+
+    Latent sites are drawn from their priors, or from ``proposal`` where it applies (see
+    :class:`ppl.handlers.propose`); the weight is that of :func:`ppl.handlers.log_weight`.
+    """
+    with handlers.trace() as trace, propose(proposal=proposal), handlers.seed(rng_seed=key):
+        value = fn(*args)
+    log_w, log_q_score = log_weight(trace)
+    return value, log_w, log_q_score
+
+
+def check_step_shapes(program: StateSpace) -> None:
+    """Raise ``ValueError`` if ``step`` changes the state's structure, shapes or dtypes.
+
+    Runs on abstract values only (``jax.eval_shape``): nothing is computed.
+    """
+    key = jax.random.key(0)
+    init_state = jax.eval_shape(lambda: run_weighted(program.init, key)[0])
+    step_state = jax.eval_shape(
+        lambda s: run_weighted(program.step, key, s, jnp.zeros((), jnp.int32))[0], init_state
+    )
+    init_leaves, init_tree = jax.tree_util.tree_flatten_with_path(init_state)
+    step_leaves, step_tree = jax.tree_util.tree_flatten_with_path(step_state)
+    if init_tree != step_tree:
+        raise ValueError(
+            f"{type(program).__name__}.step returned a state with a different structure than "
+            f"init: {init_tree} vs {step_tree}"
+        )
+    for (path, before), (_, after) in zip(init_leaves, step_leaves):
+        if before.shape != after.shape or before.dtype != after.dtype:
+            raise ValueError(
+                f"{type(program).__name__}.step changed state leaf "
+                f"{jax.tree_util.keystr(path)} from {before.dtype}{list(before.shape)} to "
+                f"{after.dtype}{list(after.shape)}; states must keep fixed shapes"
+            )

@@ -1,0 +1,59 @@
+"""Result pytrees returned by inference transformations (public contract)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+
+class SMCResult(NamedTuple):
+    """A properly weighted particle collection, with the history of how it was produced.
+
+    ``log_weights`` are unnormalised and carry the evidence: ``logsumexp(log_weights) ==
+    log_z``, and for any test function ``f``, ``E[sum_i exp(log_weights[i]) f(x_i)] =
+    Z · E_posterior[f]``. ``exp(log_z)`` is an unbiased estimate of ``Z``.
+
+    Per-step arrays have length ``max_steps``; entry ``t`` describes step ``t``. Entries past
+    ``n_steps`` (when every particle finished early) hold the no-op values
+    ``ess = n_particles``, ``ancestors = arange``, ``resampled = False``.
+    """
+
+    particles: Any  # the state pytree, each leaf with a leading [n_particles] axis
+    log_weights: Float[Array, " N"]
+    log_z: Float[Array, ""]
+    ess: Float[Array, " T"]  # effective sample size after step t's weighting
+    ancestors: Int[Array, "T N"]  # particle i at step t descends from ancestors[t, i] at t-1
+    resampled: Bool[Array, " T"]  # whether resampling happened just before step t
+    n_steps: Int[Array, ""]  # steps actually run (the loop stops once all particles are done)
+    all_dead: Bool[Array, ""]  # every weight is zero: log_z = -inf, particles meaningless
+    nan_weights: Bool[Array, ""]  # a NaN potential was met; it was treated as -inf
+    log_q_score: Float[Array, " N"]  # sum of log q at non-reparameterised proposal sites (for VI)
+
+    @property
+    def normalized_log_weights(self) -> Float[Array, " N"]:
+        """Log of the self-normalised weights (they sum to one)."""
+        return self.log_weights - self.log_z
+
+    @property
+    def weights(self) -> Float[Array, " N"]:
+        """Self-normalised weights; uniform if every particle is dead."""
+        return jnp.where(self.all_dead, 1.0 / self.log_weights.shape[0], jax.nn.softmax(self.log_weights))
+
+
+class MCMCResult(NamedTuple):
+    """A Markov chain: ``samples`` leaves have a leading ``[n_samples]`` axis.
+
+    ``log_z`` is the evidence estimate attached to the chain's current state at each
+    iteration (for particle MCMC); ``accepted[k]`` whether iteration ``k`` moved.
+    """
+
+    samples: Any
+    log_z: Float[Array, " S"]
+    accepted: Bool[Array, " S"]
+
+    @property
+    def acceptance_rate(self) -> Float[Array, ""]:
+        return jnp.mean(self.accepted)

@@ -1,0 +1,42 @@
+"""Shared test configuration.
+
+``PPL_CHECK_LEAKS=1 pytest ...`` runs every test inside ``jax.checking_leaks()`` (CI does this
+once for the inference tests): a tracer that escapes a transformation is an error.
+"""
+
+import os
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _maybe_check_leaks():
+    if os.environ.get("PPL_CHECK_LEAKS") == "1":
+        with jax.checking_leaks():
+            yield
+    else:
+        yield
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active (via ``jax.monitoring``)."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+
+    def __call__(self, event, duration_secs, **kwargs):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+_COUNTER = CompileCounter()
+jax.monitoring.register_event_duration_secs_listener(_COUNTER)
+
+
+@pytest.fixture
+def compile_counter():
+    _COUNTER.count, _COUNTER.active = 0, True
+    yield _COUNTER
+    _COUNTER.active = False

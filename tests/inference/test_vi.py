@@ -1,0 +1,65 @@
+"""VI objectives over the same programs: IWAE bounds and a trained guide, on an HMM."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import optax
+import pytest
+
+from ppl.inference import elbo, fit, iwae
+from ppl.models.toy import random_hmm
+
+
+class TableGuide(eqx.Module):
+    """q(x_0) and q(x_{t+1} | x_t) as free logit tables: rich enough to represent the exact
+    HMM posterior (which is Markov), so the ELBO can reach log Z."""
+
+    logits: jax.Array  # [T, K, K]; row 0 of slice 0 is used for x_0
+
+    def __call__(self, name, prior, state, t):
+        if state is None:
+            return dist.Categorical(logits=self.logits[0, 0])
+        return dist.Categorical(logits=self.logits[t + 1, state["x"]])
+
+
+@pytest.fixture(scope="module")
+def hmm():
+    return random_hmm(jax.random.key(4), n_states=3, n_obs_symbols=4, n_steps=6)
+
+
+def test_iwae_is_a_lower_bound_that_tightens_with_k(hmm):
+    """With a uniform guide: IWAE(K) estimated from 4000 draws is below log Z (by more than
+    3 standard errors of the estimate, for each K) and increases with K = 1, 4, 16, 64."""
+    guide = TableGuide(jnp.zeros((hmm.n_steps, 3, 3)))
+    log_z = float(hmm.log_z())
+    program = hmm.program()
+    bounds = []
+    for k in (1, 4, 16, 64):
+        draws = jax.jit(jax.vmap(lambda key: iwae(program, guide, key, k, n_samples=1)))(
+            jax.random.split(jax.random.key(k), 4000)
+        )
+        mean, standard_error = float(draws.mean()), float(draws.std() / np.sqrt(4000))
+        assert mean + 3 * standard_error < log_z, (k, mean, standard_error, log_z)
+        bounds.append(mean)
+    assert all(b > a for a, b in zip(bounds, bounds[1:])), bounds
+    np.testing.assert_allclose(elbo(program, guide, jax.random.key(0), 4000), bounds[0], atol=0.1)
+
+
+def test_trained_guide_closes_the_elbo_gap(hmm):
+    """Score-function ELBO gradients with a leave-one-out baseline, Adam, 600 steps of 32
+    samples: the final ELBO (10,000 fresh draws) is within 0.05 nats of log Z — the gap is
+    KL(q || posterior), which this guide family can drive to 0 — and far above the
+    untrained one."""
+    program = hmm.program()
+    guide = TableGuide(jnp.zeros((hmm.n_steps, 3, 3)))
+    objective = lambda g, key: elbo(program, g, key, n_samples=32)  # noqa: E731
+    trained, trace = jax.jit(lambda g, key: fit(objective, g, optax.adam(0.1), key, 600))(guide, jax.random.key(0))
+    log_z = float(hmm.log_z())
+    before = float(elbo(program, guide, jax.random.key(1), 10_000))
+    after = float(elbo(program, trained, jax.random.key(1), 10_000))
+    assert after <= log_z + 1e-3
+    assert log_z - after < 0.05, (log_z, after, before)
+    assert after > before + 0.5
+    assert trace.shape == (600,) and float(trace[-50:].mean()) > float(trace[:50].mean())

@@ -1,0 +1,87 @@
+"""Fixtures for the Llama tests: the SmolLM2 weights (ours and an HF twin built from the same
+dequantised tensors) and tiny random HF checkpoints written with ``save_pretrained``.
+
+PyTorch and transformers are test-only references; the library never imports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.initialization import no_init_weights
+
+from ppl.models import Llama, LlamaConfig, load_gguf, load_hf_checkpoint, smollm2_path
+from ppl.models.loaders import gguf_hf_tensors, hf_config_dict, read_gguf
+
+TINY_CONFIGS = {
+    # Llama 3 style: GQA, untied head, llama3 rope scaling that changes long wavelengths.
+    "llama": transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    ),
+    # Qwen2: q/k/v biases, tied embeddings, no GQA grouping beyond 2.
+    "qwen2": transformers.Qwen2Config(
+        vocab_size=89, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+}
+
+
+def hf_twin(config: LlamaConfig, tensor: Callable[[str], np.ndarray]) -> torch.nn.Module:
+    """An HF ``*ForCausalLM`` in float32 holding exactly the tensors ``tensor(name)`` returns."""
+    hf_config = transformers.AutoConfig.for_model(**hf_config_dict(config))
+    with no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    names = [n for n in model.state_dict() if not (config.tie_embeddings and n == "lm_head.weight")]
+    model.load_state_dict({n: torch.from_numpy(np.array(tensor(n))) for n in names}, strict=not config.tie_embeddings)
+    model.tie_weights()
+    return model.eval()
+
+
+def tiny_hf_model(kind: str, seed: int) -> torch.nn.Module:
+    """A random HF model of ``TINY_CONFIGS[kind]`` with O(1) weights (HF's init is near-identity,
+    which would leave paths numerically untested)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[kind]).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.15 + (parameter.ndim == 1))
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_tiny_hf() -> Callable[[str, int], torch.nn.Module]:
+    return tiny_hf_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_file():
+    return smollm2_path()  # a missing package is an error with the install command, never a skip
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_file) -> Llama:
+    return load_gguf(smollm2_file)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_file) -> torch.nn.Module:
+    return hf_twin(*gguf_hf_tensors(read_gguf(smollm2_file)))
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_pair(request, tmp_path_factory) -> tuple[Llama, torch.nn.Module, Path]:
+    """(ours loaded from the saved directory, the HF model that saved it, the directory)."""
+    hf = tiny_hf_model(request.param, seed=1)
+    directory = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(directory)
+    return load_hf_checkpoint(directory), hf, directory
