@@ -199,6 +199,7 @@ class CategoricalHMM(eqx.Module):
 class HMMProgram(ppl.StateSpace):
     """The HMM as a :class:`ppl.StateSpace`: ``init`` draws ``x_0`` and observes ``y_0``;
     step ``t`` draws ``x_{t+1} | x_t`` and observes ``y_{t+1}``; ``max_steps = T - 1``.
+    The state is ``{"x": x_t, "path": x_{0:T-1}}`` (the path is filled up to ``t``).
 
     With ``optimal_proposal=True`` the latent sites carry the locally optimal proposal
     ``q(x_{t+1}) ∝ transition[x_t, x_{t+1}] · emission[x_{t+1}, y_{t+1}]`` (and
@@ -225,11 +226,13 @@ class HMMProgram(ppl.StateSpace):
 
     def init(self) -> dict[str, Int[Array, ""]]:
         log_init, _, _ = self.hmm._log_params()
-        return {"x": self._draw(log_init, self.hmm.observations[0])}
+        x = self._draw(log_init, self.hmm.observations[0])
+        return {"x": x, "path": jnp.zeros(self.hmm.n_steps, jnp.int32).at[0].set(x)}
 
     def step(self, state: dict[str, Int[Array, ""]], t: Int[Array, ""]) -> dict[str, Int[Array, ""]]:
         _, log_trans, _ = self.hmm._log_params()
-        return {"x": self._draw(log_trans[state["x"]], self.hmm.observations[t + 1])}
+        x = self._draw(log_trans[state["x"]], self.hmm.observations[t + 1])
+        return {"x": x, "path": state["path"].at[t + 1].set(x)}
 
 
 @eqx.filter_jit

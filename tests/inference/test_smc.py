@@ -51,39 +51,52 @@ def test_hmm_locally_optimal_proposal_is_unbiased_and_better(hmm):
 
 
 def test_kalman_log_evidence_converges():
-    """|mean log Ẑ - log Z| shrinks from N = 64 to 4096 and is < 0.03 nats at N = 4096.
+    """|mean log Ẑ - log Z| shrinks from N = 64 to 4096 and is < 0.015 nats at N = 4096.
 
-    Why 0.03: log Ẑ is biased low by about Var(log Ẑ)/2 (delta method), and Var(log Ẑ)
-    scales like T/N; on this model (T = 50, D = 2, bootstrap proposal) Var at N = 4096 is
-    about 0.01, so the bias is ~0.005; with 64 seeds the Monte Carlo error of the mean is
-    sd/8 ≈ 0.013, and 0.03 ≈ bias + 2 errors. The float32 Kalman log Z (≈ -100) is exact to
-    ~1e-4 here, far below this."""
+    Why 0.015: Ẑ is unbiased, so log Ẑ is biased low by about Var(log Ẑ)/2 (delta method),
+    and Var(log Ẑ) scales like T/N. On this model (T = 50, D = 2, bootstrap proposal) the
+    measured Var/2 at N = 4096 is 0.0045 and the standard error of the mean over 1024 seeds
+    is 0.003, so a correct filter lands within 0.0045 + 3 SE ≈ 0.014. The same run checks the
+    delta method itself: mean log Ẑ + Var/2 is within 4 SE of log Z at every N (a filter
+    with a wrong weight would miss this by far more). The float32 Kalman log Z (≈ -100) is
+    exact to ~1e-4, far below these margins."""
     ssm = random_lgssm(jax.random.key(3), state_dim=2, obs_dim=2, n_steps=50)
     log_z = float(ssm.log_z())
     errors = {}
     for n_particles in (64, 256, 1024, 4096):
-        estimates = _log_z_over_seeds(ssm.program(), 64, n_particles, seed=1)
+        estimates = np.concatenate(
+            [_log_z_over_seeds(ssm.program(), 512, n_particles, seed=seed) for seed in (1, 2)]
+        )
+        standard_error = estimates.std(ddof=1) / np.sqrt(len(estimates))
         errors[n_particles] = abs(estimates.mean() - log_z)
+        corrected = estimates.mean() + estimates.var(ddof=1) / 2
+        assert abs(corrected - log_z) < 4 * standard_error, (n_particles, corrected, log_z)
     ordered = [errors[n] for n in (64, 256, 1024, 4096)]
     assert all(later < earlier for earlier, later in zip(ordered, ordered[1:])), errors
-    assert errors[4096] < 0.03, errors
+    assert errors[4096] < 0.015, errors
 
 
 def _weighted_histogram(model, result, codes_index):
     codes = np.asarray(model.sequence_codes(result.particles["tokens"]))
     weights = np.asarray(result.weights, np.float64)
     histogram = np.zeros(len(codes_index))
-    np.add.at(histogram, [codes_index[c] for c in codes], weights)
+    alive = weights > 0  # killed particles may hold sequences outside the support
+    np.add.at(histogram, [codes_index[c] for c in codes[alive]], weights[alive])
     return histogram
 
 
 def test_bigram_posterior_total_variation_shrinks_like_inverse_sqrt_n():
     """TV(SMC's weighted posterior, exact posterior), averaged over 32 seeds, falls like
-    N^(-1/2) from N = 64 to 1024 (fitted log-log slope in [-0.7, -0.35]) and is < 0.05 at
-    N = 1024. Why 0.05: for an empirical distribution of N effective draws over a support of
-    size M, E[TV] ≈ sum_x sqrt(p(x)/(2π N_eff)); with this posterior's M and ESS about N/2
-    this is ≈ 0.03 at N = 1024."""
-    model = abc_bigram(max_tokens=6)
+    N^(-1/2) from N = 64 to 1024 (fitted log-log slope in [-0.65, -0.35]) and is < 0.12 at
+    N = 1024.
+
+    Why 0.12: for a weighted sample with effective size N_eff the frequency of a sequence x
+    errs by about sqrt(2 p(x)(1 - p(x)) / (π N_eff)) in absolute value, so
+    E[TV] ≈ ½ Σ_x sqrt(2 p(x)(1 - p(x)) / (π N_eff)). On this posterior (28 sequences of at
+    most 3 tokens) that is 0.079 at N_eff = N/2 = 512; 0.12 allows N_eff down to N/4.
+    (With 6 tokens the support has 674 sequences and the same formula gives 0.32, which is
+    what SMC measures there too: the bound must follow the support size.)"""
+    model = abc_bigram(max_tokens=3)
     tokens, _, log_probs = model.enumerate_posterior()
     exact = np.exp(log_probs)
     codes = np.asarray(model.sequence_codes(jnp.asarray(tokens)))
@@ -100,8 +113,8 @@ def test_bigram_posterior_total_variation_shrinks_like_inverse_sqrt_n():
             tvs.append(0.5 * np.abs(_weighted_histogram(model, one, codes_index) - exact).sum())
         mean_tv.append(np.mean(tvs))
     slope = np.polyfit(np.log(sizes), np.log(mean_tv), 1)[0]
-    assert -0.7 < slope < -0.35, (mean_tv, slope)
-    assert mean_tv[-1] < 0.05, mean_tv
+    assert -0.65 < slope < -0.35, (mean_tv, slope)
+    assert mean_tv[-1] < 0.12, mean_tv
 
 
 def test_bigram_evidence_and_constraints(hmm):
