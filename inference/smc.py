@@ -71,6 +71,26 @@ def _clean(log_increments: Float[Array, " N"], active: Bool[Array, " N"]):
     return jnp.where(active, log_increments, 0.0), jnp.any(is_nan)
 
 
+def _run_particles(program: StateSpace, key, n: int, proposal, particles=None, t=None):
+    """Run ``init`` (``particles is None``) or ``step(., t)`` for all ``n`` particles: one
+    batched call for a batched program, a ``vmap`` of single-particle runs otherwise."""
+    if program.batched:
+        fn, args = (program.init, (n,)) if particles is None else (program.step, (particles, t))
+        return run_weighted(fn, key, *args, proposal=_bind(proposal, particles, t), batch_shape=(n,))
+    keys = jax.random.split(key, n)
+    if particles is None:
+        return jax.vmap(lambda k: run_weighted(program.init, k, proposal=_bind(proposal, None, None)))(keys)
+
+    def one(particle_key, particle):
+        return run_weighted(program.step, particle_key, particle, t, proposal=_bind(proposal, particle, t))
+
+    return jax.vmap(one)(keys, particles)
+
+
+def _done(program: StateSpace, particles: Any) -> Bool[Array, " N"]:
+    return program.done(particles) if program.batched else jax.vmap(program.done)(particles)
+
+
 def init(
     program: StateSpace,
     key: PRNGKeyArray,
@@ -78,11 +98,7 @@ def init(
     proposal: StepProposal | None = None,
 ) -> SMCState:
     """Draw ``n_particles`` initial states from ``program.init`` and weight them."""
-
-    def one(particle_key):
-        return run_weighted(program.init, particle_key, proposal=_bind(proposal, None, None))
-
-    particles, log_weights, log_q_score = jax.vmap(one)(jax.random.split(key, n_particles))
+    particles, log_weights, log_q_score = _run_particles(program, key, n_particles, proposal)
     log_weights, nan_weights = _clean(log_weights, jnp.ones(n_particles, bool))
     return SMCState(particles, log_weights, jnp.zeros(()), log_q_score, nan_weights)
 
@@ -106,31 +122,23 @@ def step(
 
     def resample(state: SMCState):
         ancestors = resampler(resample_key, state.log_weights, n)
-        gather = lambda leaf: leaf[ancestors]  # noqa: E731
         return ancestors, SMCState(
-            particles=jax.tree.map(gather, state.particles),
+            particles=program.reindex(state.particles, ancestors),
             log_weights=jnp.zeros_like(state.log_weights),
             log_z_prefix=state.log_z_prefix + jax.nn.logsumexp(state.log_weights) - math.log(n),
-            log_q_score=gather(state.log_q_score),
+            log_q_score=state.log_q_score[ancestors],
             nan_weights=state.nan_weights,
         )
 
     # cond, not select: the gather touches every state leaf (a KV cache, for an LM).
     ancestors, state = jax.lax.cond(resampled, resample, lambda s: (jnp.arange(n), s), state)
 
-    active = ~jax.vmap(program.done)(state.particles)
-
-    def one(particle_key, particle):
-        return run_weighted(program.step, particle_key, particle, t, proposal=_bind(proposal, particle, t))
-
-    stepped, increments, log_q = jax.vmap(one)(jax.random.split(step_key, n), state.particles)
+    active = ~_done(program, state.particles)
+    stepped, increments, log_q = _run_particles(program, step_key, n, proposal, state.particles, t)
     increments, nan_now = _clean(increments, active)
-    keep_active = lambda new, old: jnp.where(  # noqa: E731
-        active.reshape((n,) + (1,) * (new.ndim - 1)), new, old
-    )
     log_weights = state.log_weights + increments
     state = SMCState(
-        particles=jax.tree.map(keep_active, stepped, state.particles),
+        particles=program.select(active, stepped, state.particles),
         log_weights=log_weights,
         log_z_prefix=state.log_z_prefix,
         log_q_score=state.log_q_score + jnp.where(active, log_q, 0.0),
@@ -158,14 +166,14 @@ def _validate(n_particles: int, ess_threshold: Any, program: StateSpace) -> None
 
 @eqx.filter_jit
 def _smc(program, key, n_particles, resampler, ess_threshold, proposal) -> SMCResult:
-    check_step_shapes(program)
+    check_step_shapes(program, n_particles)
     init_key, loop_key = jax.random.split(key)
     state = init(program, init_key, n_particles, proposal)
     idle = SMCInfo(jnp.asarray(float(n_particles)), jnp.arange(n_particles), jnp.asarray(False))
 
     def advance(carry, t):
         n_steps, state = carry
-        running = ~jnp.all(jax.vmap(program.done)(state.particles)) & jnp.any(
+        running = ~jnp.all(_done(program, state.particles)) & jnp.any(
             jnp.isfinite(state.log_weights)
         )
 

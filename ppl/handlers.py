@@ -84,29 +84,33 @@ class temper(Messenger):
             msg["scale"] = self.beta if msg["scale"] is None else msg["scale"] * self.beta
 
 
-def _site_log_prob(site: dict, fn: Distribution) -> jnp.ndarray:
-    log_prob = jnp.sum(fn.log_prob(site["value"]))
+def _site_log_prob(site: dict, fn: Distribution, batch_ndims: int) -> jnp.ndarray:
+    log_prob = fn.log_prob(site["value"])
+    log_prob = jnp.sum(log_prob, axis=tuple(range(batch_ndims, jnp.ndim(log_prob))))
     return log_prob if site["scale"] is None else site["scale"] * log_prob
 
 
-def log_weight(trace: Mapping[str, dict]) -> tuple[jnp.ndarray, jnp.ndarray]:
+def log_weight(trace: Mapping[str, dict], batch_shape: tuple[int, ...] = ()) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The importance weight of one run, and the score term for gradient estimators.
 
     Returns ``(log_w, log_q)``: ``log_w`` as in the module docstring, and ``log_q`` the summed
     log-density of proposed sites whose samples are not reparameterised (their gradient must
-    come from the score function ``grad log q``).
+    come from the score function ``grad log q``). With a non-empty ``batch_shape`` (a program
+    written for a whole particle batch) the leading axes of every site's log-density are
+    particles and are kept: both results have shape ``batch_shape``.
     """
-    log_w = jnp.zeros(())
-    log_q_score = jnp.zeros(())
+    batch_ndims = len(batch_shape)
+    log_w = jnp.zeros(batch_shape)
+    log_q_score = jnp.zeros(batch_shape)
     for site in trace.values():
         if site["type"] != "sample":
             continue
         if site["is_observed"]:
-            log_w = log_w + _site_log_prob(site, site["fn"])
+            log_w = log_w + _site_log_prob(site, site["fn"], batch_ndims)
         elif _TARGET in site["infer"]:
             q = site["fn"]
-            log_q = jnp.sum(q.log_prob(site["value"]))
-            log_w = log_w + _site_log_prob(site, site["infer"][_TARGET]) - log_q
+            log_q = _site_log_prob({**site, "scale": None}, q, batch_ndims)
+            log_w = log_w + _site_log_prob(site, site["infer"][_TARGET], batch_ndims) - log_q
             if not q.has_rsample:
                 log_q_score = log_q_score + log_q
     return log_w, log_q_score

@@ -28,6 +28,10 @@ class LM(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        """An empty cache: ``batch`` rows holding nothing, room for ``max_len`` positions."""
+        ...
+
     def prefill(self, tokens: Int[Array, " T"], max_len: int) -> tuple[Float[Array, " V"], Cache]:
         """Run the prompt once; return next-token logits after it and a batch-1 cache with
         room for ``max_len`` positions in total (prompt included)."""
@@ -61,3 +65,24 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+@runtime_checkable
+class TokenConstraint(Protocol):
+    """A token-level automaton used as a hard constraint (``ppl.models.constraints``).
+
+    The state is one int32 per particle; all methods are pure JAX on one particle's state.
+    """
+
+    @property
+    def initial(self) -> int: ...
+
+    def mask(self, state: Int[Array, ""]) -> Array:
+        """``[V]`` booleans: the tokens that keep the sequence completable."""
+        ...
+
+    def advance(self, state: Int[Array, ""], token: Int[Array, ""]) -> Int[Array, ""]: ...
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` if built for a vocabulary of another size."""
+        ...

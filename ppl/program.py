@@ -13,12 +13,12 @@ token (or chunk) and potentials are constraints and rewards.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from numpyro import handlers
 
 from ppl.handlers import Proposal, log_weight, propose
@@ -31,25 +31,46 @@ class StateSpace(eqx.Module):
 
     Subclass it as an ``equinox.Module``; data (observations, LM weights) are fields, so a
     second call with new data and the same shapes does not recompile. ``init`` and ``step``
-    describe ONE particle and are written with NumPyro primitives; inference ``vmap``s them.
+    are written with NumPyro primitives and describe ONE particle; inference ``vmap``s them.
 
     - ``init(self) -> state``: the initial state (e.g. a prefilled prompt); may sample/factor.
     - ``step(self, state, t) -> state``: step ``t = 0, 1, ...`` (a traced integer); must return
       a state with the same structure, shapes and dtypes.
     - ``done(self, state) -> bool``: finished particles are frozen: never stepped again and
       never re-weighted. The default never finishes.
+
+    **Batched programs** (``batched = True``) describe the whole particle batch at once:
+    ``init(self, n_particles)`` returns a state whose leading axis (or, for leaves such as a
+    KV cache, whatever axis ``reindex`` gathers) is the particle, every site has batch shape
+    ``[N]``, and ``done`` returns ``[N]``. This is how a language model runs one batched
+    decode for all particles instead of a ``vmap`` of single-row decodes. Batched programs
+    may override ``reindex`` (the resampling gather) and ``select`` (how finished particles
+    keep their state) for leaves whose particle axis is not the first.
     """
 
     # Subclasses declare ``max_steps: int = eqx.field(static=True)``, the most ``step`` calls.
+    batched: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def init(self) -> State: ...
+    def init(self) -> State: ...  # batched programs: ``init(self, n_particles)``
 
     @abc.abstractmethod
     def step(self, state: State, t: jax.Array) -> State: ...
 
-    def done(self, state: State) -> Bool[Array, ""]:
+    def done(self, state: State) -> Bool[Array, "*N"]:
         return jnp.zeros((), bool)
+
+    def reindex(self, particles: State, ancestors: Int[Array, " N"]) -> State:
+        """Particle ``i`` of the result is particle ``ancestors[i]`` (every leaf, axis 0)."""
+        return jax.tree.map(lambda leaf: leaf[ancestors], particles)
+
+    def select(self, active: Bool[Array, " N"], stepped: State, previous: State) -> State:
+        """``stepped`` for active particles, ``previous`` for finished ones (axis 0)."""
+
+        def choose(new, old):
+            return jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
+
+        return jax.tree.map(choose, stepped, previous)
 
 
 def run_weighted(
@@ -57,25 +78,28 @@ def run_weighted(
     key: PRNGKeyArray,
     *args: Any,
     proposal: Proposal | None = None,
-) -> tuple[Any, Float[Array, ""], Float[Array, ""]]:
+    batch_shape: tuple[int, ...] = (),
+) -> tuple[Any, Float[Array, "*batch"], Float[Array, "*batch"]]:
     """Run ``fn(*args)`` once and return ``(value, log_weight, log_q_score)``.
 
     Latent sites are drawn from their priors, or from ``proposal`` where it applies (see
-    :class:`ppl.handlers.propose`); the weight is that of :func:`ppl.handlers.log_weight`.
+    :class:`ppl.handlers.propose`); the weight is that of :func:`ppl.handlers.log_weight`,
+    one per particle when ``fn`` is batched (``batch_shape = (N,)``).
     """
     with handlers.trace() as trace, propose(proposal=proposal), handlers.seed(rng_seed=key):
         value = fn(*args)
-    log_w, log_q_score = log_weight(trace)
+    log_w, log_q_score = log_weight(trace, batch_shape)
     return value, log_w, log_q_score
 
 
-def check_step_shapes(program: StateSpace) -> None:
+def check_step_shapes(program: StateSpace, n_particles: int = 1) -> None:
     """Raise ``ValueError`` if ``step`` changes the state's structure, shapes or dtypes.
 
     Runs on abstract values only (``jax.eval_shape``): nothing is computed.
     """
     key = jax.random.key(0)
-    init_state = jax.eval_shape(lambda: run_weighted(program.init, key)[0])
+    init_args = (n_particles,) if program.batched else ()
+    init_state = jax.eval_shape(lambda: run_weighted(program.init, key, *init_args)[0])
     step_state = jax.eval_shape(
         lambda s: run_weighted(program.step, key, s, jnp.zeros((), jnp.int32))[0], init_state
     )

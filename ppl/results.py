@@ -34,13 +34,14 @@ class SMCResult(NamedTuple):
 
     @property
     def normalized_log_weights(self) -> Float[Array, " N"]:
-        """Log of the self-normalised weights (they sum to one)."""
-        return self.log_weights - self.log_z
+        """Log of the self-normalised weights (they sum to one). Works on batched results."""
+        return self.log_weights - jnp.expand_dims(self.log_z, -1)
 
     @property
     def weights(self) -> Float[Array, " N"]:
         """Self-normalised weights; uniform if every particle is dead."""
-        return jnp.where(self.all_dead, 1.0 / self.log_weights.shape[0], jax.nn.softmax(self.log_weights))
+        uniform = 1.0 / self.log_weights.shape[-1]
+        return jnp.where(jnp.expand_dims(self.all_dead, -1), uniform, jax.nn.softmax(self.log_weights, axis=-1))
 
 
 class MCMCResult(NamedTuple):

@@ -1,0 +1,317 @@
+"""Hard token-level constraints as compressed DFA tables that live on device.
+
+A constraint is a deterministic automaton read one *token* at a time. It is compiled once, on
+the host, into three arrays, so that inside ``jit``/``vmap`` masking and advancing a particle
+are two gathers:
+
+- ``token_class[v]`` — tokens that behave identically in every state share a class. A
+  vocabulary has ~50k tokens but a constraint usually tells apart only a handful of kinds
+  (digits / everything else; tokens with an ``e`` / without), so the table is ``[S, C]`` with
+  ``C`` in the tens or hundreds rather than ``[S, V]``;
+- ``transitions[s, c]`` — the next state after a token of class ``c`` in state ``s``, ``-1``
+  when the token is forbidden (the dead state);
+- ``accepting[s]`` — whether the text read so far is complete, i.e. whether EOS may come next.
+
+**EOS is not read, it tests**: EOS is allowed exactly in accepting states and leaves the state
+unchanged. Other special tokens (``b""`` in ``vocab_bytes``: ``<|im_start|>``, ...) are never
+allowed, so a constraint can't be escaped through markup.
+
+Every builder *trims* the automaton: it keeps only the states reachable from the start that
+can still reach an accepting state. So a particle that samples from ``mask(state)`` never gets
+stuck — some token (possibly EOS) is always allowed — and a constraint that accepts nothing is
+an error at build time, not a silent zero at run time.
+
+    >>> date = regex(r"\\d{4}-\\d{2}-\\d{2}", tokenizer)               # doctest: +SKIP
+    >>> both = intersect(date, vocabulary_predicate(lambda b: b != b"0", tokenizer))  # doctest: +SKIP
+    >>> logits = jnp.where(jax.vmap(both.mask)(states), logits, -jnp.inf)  # doctest: +SKIP
+    >>> states = jax.vmap(both.advance)(states, tokens)                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Collection
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Int
+from outlines_core import Index, Vocabulary
+
+from ppl.lm import Tokenizer
+
+DEAD = -1
+"""The state of a particle that produced a forbidden token; it stays dead."""
+
+
+class TokenDFA(eqx.Module):
+    """A token-level DFA; see the module docstring for the table layout and EOS rule.
+
+    Methods take one scalar ``int32`` state (``vmap`` them over particles) and are pure JAX.
+    ``initial`` and ``eos_token_id`` are static: they are Python ints fixed at build time.
+    """
+
+    token_class: Int[Array, " V"]
+    transitions: Int[Array, "S C"]
+    accepting: Bool[Array, " S"]
+    initial: int = eqx.field(static=True)
+    eos_token_id: int = eqx.field(static=True)
+
+    def __check_init__(self) -> None:
+        n_states = self.transitions.shape[0]
+        if self.transitions.ndim != 2 or self.accepting.shape != (n_states,) or self.token_class.ndim != 1:
+            raise ValueError(f"inconsistent DFA table: token_class {self.token_class.shape}, "
+                             f"transitions {self.transitions.shape}, accepting {self.accepting.shape}")
+        if not (0 <= self.initial < n_states and 0 <= self.eos_token_id < self.vocab_size):
+            raise ValueError(f"initial state {self.initial} or EOS id {self.eos_token_id} out of range "
+                             f"for {n_states} states and {self.vocab_size} tokens")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.token_class.shape[0]
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ``ValueError`` unless this constraint was built for a vocabulary of ``vocab_size``."""
+        if vocab_size != self.vocab_size:
+            raise ValueError(f"this constraint was built for a vocabulary of {self.vocab_size} tokens, "
+                             f"but the model has {vocab_size}; rebuild it with the model's tokenizer")
+
+    def mask(self, state: Int[ArrayLike, ""]) -> Bool[Array, " V"]:
+        """Which tokens may come next in ``state`` (all ``False`` when ``state`` is dead)."""
+        state = jnp.asarray(state, jnp.int32)
+        row = jnp.maximum(state, 0)  # a dead state reads row 0, then is masked out below
+        allowed = self.transitions[row][self.token_class] >= 0
+        allowed = allowed.at[self.eos_token_id].set(self.accepting[row])
+        return allowed & (state >= 0)
+
+    def advance(self, state: Int[ArrayLike, ""], token: Int[ArrayLike, ""]) -> Int[Array, ""]:
+        """The state after ``token``: EOS keeps an accepting state, a forbidden token gives ``-1``."""
+        state, token = jnp.asarray(state, jnp.int32), jnp.asarray(token, jnp.int32)
+        row = jnp.maximum(state, 0)
+        read = self.transitions[row, self.token_class[token]]
+        ended = jnp.where(self.accepting[row], state, DEAD)
+        return jnp.where(state >= 0, jnp.where(token == self.eos_token_id, ended, read), DEAD)
+
+    def is_accepting(self, state: Int[ArrayLike, ""]) -> Bool[Array, ""]:
+        """Whether the text read so far satisfies the constraint (EOS is allowed)."""
+        state = jnp.asarray(state, jnp.int32)
+        return (state >= 0) & self.accepting[jnp.maximum(state, 0)]
+
+    def is_dead(self, state: Int[ArrayLike, ""]) -> Bool[Array, ""]:
+        return jnp.asarray(state) < 0
+
+
+# --- compression: the one place a host table becomes a TokenDFA --------------------------------
+
+def _live_states(table: np.ndarray, accepting: np.ndarray, initial: int, what: str) -> np.ndarray:
+    """States reachable from ``initial`` that can reach an accepting state, in BFS order from it."""
+    live = accepting.copy()
+    while True:  # co-reachability as a fixpoint; at most S rounds of one [S, C] gather each
+        grown = accepting | ((table >= 0) & live[table]).any(axis=1)
+        if (grown == live).all():
+            break
+        live = grown
+    if not live[initial]:
+        raise ValueError(f"{what} accepts no token sequence of this vocabulary")
+    order, seen = [initial], {initial}
+    for state in order:  # ``order`` grows while it is walked: a breadth-first search
+        for nxt in dict.fromkeys(table[state].tolist()):
+            if nxt >= 0 and live[nxt] and nxt not in seen:
+                seen.add(nxt)
+                order.append(nxt)
+    return np.asarray(order)
+
+
+def _compress(table: np.ndarray, token_class: np.ndarray, accepting: np.ndarray, initial: int,
+              eos_token_id: int, never: np.ndarray, what: str) -> TokenDFA:
+    """Trim, renumber and class-compress a DFA given over preliminary token classes.
+
+    ``table[s, c]`` is the next state for class ``c`` (``-1`` dead), ``token_class[v]`` the
+    preliminary class of token ``v``; tokens in ``never`` (EOS, special tokens) are forced to a
+    class that is dead everywhere, whatever the table says.
+    """
+    n_states = table.shape[0]
+    table = np.concatenate([table, np.full((n_states, 1), DEAD)], axis=1)
+    token_class = np.where(never, table.shape[1] - 1, token_class)
+    used, token_class = np.unique(token_class, return_inverse=True)
+    table = table[:, used]
+
+    order = _live_states(table, accepting, initial, what)
+    renumber = np.full(n_states + 1, DEAD)  # the extra last entry maps a -1 target to -1
+    renumber[order] = np.arange(len(order))
+    table = renumber[table[order]]
+
+    # Identical columns are tokens no state tells apart: one class each.
+    columns, inverse = np.unique(table, axis=1, return_inverse=True)
+    return TokenDFA(token_class=jnp.asarray(inverse.reshape(-1)[token_class], jnp.int32),
+                    transitions=jnp.asarray(columns, jnp.int32),
+                    accepting=jnp.asarray(accepting[order]), initial=0, eos_token_id=eos_token_id)
+
+
+def _never(tokenizer: Tokenizer) -> np.ndarray:
+    """EOS (handled by the accepting rule) and special tokens (``b""``: never text)."""
+    never = np.array([not data for data in tokenizer.vocab_bytes])
+    never[tokenizer.eos_token_id] = True
+    return never
+
+
+# --- builders ----------------------------------------------------------------------------------
+
+def regex(pattern: str, tokenizer: Tokenizer) -> TokenDFA:
+    """Token sequences whose text fully matches ``pattern`` (Rust ``regex`` syntax, via outlines-core).
+
+    Classes such as ``\\d`` and ``\\w`` are Unicode-aware, as in Python's ``re``. Raises
+    ``ValueError`` when the pattern matches no text this vocabulary can spell, or uses syntax
+    outlines-core cannot compile (look-around, backreferences). outlines-core also refuses a
+    pattern where any branch is impossible (``a[^\\s\\S]|b``), even if another branch is not.
+    """
+    eos = tokenizer.eos_token_id
+    spellings: dict[bytes, list[int]] = defaultdict(list)
+    for token, data in enumerate(tokenizer.vocab_bytes):
+        if data and token != eos:  # outlines-core refuses EOS in the vocabulary and adds it itself
+            spellings[data].append(token)
+    try:
+        index = Index(pattern, Vocabulary(eos, dict(spellings)))
+    except ValueError as error:
+        raise ValueError(f"regex {pattern!r} matches no token sequence of this vocabulary "
+                         f"(or outlines-core cannot compile it): {error}") from error
+
+    # outlines-core numbers states sparsely; columns are only the tokens some state reads.
+    index_transitions = index.get_transitions()
+    finals = index.get_final_states()
+    ids = {index.get_initial_state(), *finals, *index_transitions}
+    ids.update(nxt for row in index_transitions.values() for nxt in row.values())
+    states = {state: n for n, state in enumerate(sorted(ids))}
+    read = sorted({token for row in index_transitions.values() for token in row if token != eos})
+    column = {token: c for c, token in enumerate(read)}
+    table = np.full((len(states), len(read) + 1), DEAD)  # the last column: tokens no state reads
+    for state, row in index_transitions.items():
+        for token, nxt in row.items():
+            if token != eos:
+                table[states[state], column[token]] = states[nxt]
+    token_class = np.full(tokenizer.vocab_size, len(read))
+    token_class[read] = np.arange(len(read))
+    accepting = np.zeros(len(states), bool)
+    accepting[[states[s] for s in finals]] = True
+    return _compress(table, token_class, accepting, states[index.get_initial_state()], eos,
+                     _never(tokenizer), f"regex {pattern!r}")
+
+
+def from_char_dfa(step: Callable[[int, int], int], initial: int, accepting: Collection[int], n_states: int,
+                  tokenizer: Tokenizer) -> TokenDFA:
+    """Lift a byte-level DFA to tokens: a token leads wherever its bytes, read one by one, lead.
+
+    ``step(state, byte)`` gives the next state in ``0..n_states-1`` or ``-1`` to reject; it is
+    called once per (state, byte), so it may be slow Python. ``accepting`` lists the states in
+    which the text may end.
+    """
+    byte_table = np.array([[step(state, byte) for byte in range(256)] for state in range(n_states)])
+    if ((byte_table < DEAD) | (byte_table >= n_states)).any():
+        raise ValueError(f"step returned a state outside -1..{n_states - 1}")
+    spellings = tokenizer.vocab_bytes
+    lengths = np.array([len(data) for data in spellings])
+    # Longest tokens first, so at byte j only the prefix of tokens that long is still reading.
+    order = np.argsort(-lengths, kind="stable")
+    padded = np.zeros((len(spellings), lengths.max()), np.uint8)
+    for row, token in enumerate(order):
+        padded[row, :lengths[token]] = np.frombuffer(spellings[token], np.uint8)
+    table = np.repeat(np.arange(n_states)[:, None], len(spellings), axis=1)
+    for j in range(padded.shape[1]):
+        reading = int((lengths > j).sum())
+        current = table[:, :reading]
+        nxt = byte_table[np.maximum(current, 0), padded[None, :reading, j]]
+        table[:, :reading] = np.where(current >= 0, nxt, DEAD)
+    token_class = np.empty(len(spellings), np.int64)
+    token_class[order] = np.arange(len(spellings))
+    is_accepting = np.zeros(n_states, bool)
+    is_accepting[list(accepting)] = True
+    return _compress(table, token_class, is_accepting, initial, tokenizer.eos_token_id, _never(tokenizer),
+                     "the byte-level DFA")
+
+
+def vocabulary_predicate(allowed: Callable[[bytes], bool], tokenizer: Tokenizer) -> TokenDFA:
+    """Only tokens whose bytes satisfy ``allowed`` (one state; EOS is always allowed).
+
+    ``allowed`` sees each non-special token's bytes, which may be part of a UTF-8 character.
+    """
+    table = np.array([[0 if data and allowed(data) else DEAD for data in tokenizer.vocab_bytes]])
+    return _compress(table, np.arange(tokenizer.vocab_size), np.ones(1, bool), 0, tokenizer.eos_token_id,
+                     _never(tokenizer), "the vocabulary predicate")
+
+
+def lipogram(letters: str, tokenizer: Tokenizer) -> TokenDFA:
+    """Text that never uses any of ``letters`` (ASCII letters, either case), e.g. ``lipogram("e", tok)``.
+
+    One state suffices because an ASCII byte never occurs inside a multi-byte UTF-8 character,
+    so a letter is either wholly inside one token or absent. A non-ASCII letter could be split
+    across tokens, which a vocabulary predicate cannot see, so it is refused.
+    """
+    if not letters or not all(char.isascii() and char.isalpha() for char in letters):
+        raise ValueError(f"lipogram needs ASCII letters, got {letters!r}")
+    banned = {char.encode() for char in letters.lower() + letters.upper()}
+    return vocabulary_predicate(lambda data: not any(char in data for char in banned), tokenizer)
+
+
+def _is_ascii_letter(byte: int) -> bool:
+    return ord("a") <= (byte | 0x20) <= ord("z")  # ASCII upper and lower case differ in bit 5
+
+
+def max_word_length(k: int, tokenizer: Tokenizer) -> TokenDFA:
+    """Every word has at most ``k`` letters, where a word is a maximal run of ASCII letters.
+
+    Every other byte ends a word: digits, apostrophes and hyphens (so "don't" is "don" + "t"),
+    and non-ASCII bytes (so "naïve" is "na" + "ve"). That keeps the rule exact at the byte
+    level and easy to state; write another ``from_char_dfa`` for a different notion of word.
+    The state is the length of the word being written, ``0..k``; all states accept.
+    """
+    if k < 1:
+        raise ValueError(f"max_word_length needs k >= 1, got {k}")
+
+    def step(run: int, byte: int) -> int:
+        if not _is_ascii_letter(byte):
+            return 0
+        return run + 1 if run < k else DEAD
+
+    return from_char_dfa(step, 0, range(k + 1), k + 1, tokenizer)
+
+
+def token_length(max_chars: int, tokenizer: Tokenizer) -> TokenDFA:
+    """Only tokens that start at most ``max_chars`` characters.
+
+    A token's length counts the UTF-8 characters it starts (bytes that are not continuation
+    bytes ``0b10xxxxxx``), so the lengths of a sequence's tokens add up to its text's length.
+    """
+    return vocabulary_predicate(lambda data: sum((byte & 0xC0) != 0x80 for byte in data) <= max_chars,
+                                tokenizer)
+
+
+def intersect(a: TokenDFA, b: TokenDFA) -> TokenDFA:
+    """Token sequences both ``a`` and ``b`` accept: the product DFA, reachable pairs only.
+
+    A token's product class is the pair of its classes, so the product is built over the
+    pairs that occur (at most ``C_a · C_b``, usually far fewer), never over the vocabulary.
+    """
+    if (a.vocab_size, a.eos_token_id) != (b.vocab_size, b.eos_token_id):
+        raise ValueError(f"cannot intersect constraints over different vocabularies: {a.vocab_size} tokens "
+                         f"(EOS {a.eos_token_id}) and {b.vocab_size} tokens (EOS {b.eos_token_id})")
+    pairs, token_class = np.unique(np.stack([np.asarray(a.token_class), np.asarray(b.token_class)], axis=1),
+                                   axis=0, return_inverse=True)
+    table_a, table_b = np.asarray(a.transitions)[:, pairs[:, 0]], np.asarray(b.transitions)[:, pairs[:, 1]]
+    accepting_a, accepting_b = np.asarray(a.accepting), np.asarray(b.accepting)
+
+    order = [(a.initial, b.initial)]
+    number = {order[0]: 0}
+    rows: list[np.ndarray] = []
+    for state_a, state_b in order:  # ``order`` grows while it is walked: a breadth-first search
+        row = np.full(len(pairs), DEAD)
+        for c, nxt in enumerate(zip(table_a[state_a].tolist(), table_b[state_b].tolist())):
+            if nxt[0] >= 0 and nxt[1] >= 0:
+                if nxt not in number:
+                    number[nxt] = len(order)
+                    order.append(nxt)
+                row[c] = number[nxt]
+        rows.append(row)
+    accepting = np.array([accepting_a[s] and accepting_b[t] for s, t in order])
+    # The classes already keep EOS and special tokens dead, so nothing is forced here.
+    return _compress(np.stack(rows), token_class.reshape(-1), accepting, 0, a.eos_token_id,
+                     np.zeros(a.vocab_size, bool), "the intersection")

@@ -1,0 +1,184 @@
+"""Language-model generation as a batched state-space program.
+
+:class:`Generation` is the program behind constrained and reward-guided generation. For a
+prompt ``c`` it targets
+
+    gamma(x) = p_LM(x | c) · 1[x satisfies the constraint] · prod_t G_t(x_{1:t})
+
+over continuations ``x`` of at most ``max_new_tokens`` tokens that end at EOS or at the
+limit. Each ``step`` draws one token for every particle with one batched decode
+(:class:`ppl.NextToken`); the constraint enters as a 0/-inf potential, the rewards as the
+log-increments of their :mod:`ppl.rewards` weighting. Inference (``ppl.inference.smc``)
+resamples the KV cache on device through the LM's ``reindex``.
+
+Proposals (the target never changes):
+
+- ``"prior"``: sample from ``p_LM``; a token the constraint forbids kills its particle.
+- ``"locally_optimal"``: sample from ``p_LM`` restricted to the allowed tokens and
+  renormalised; the weight is the allowed mass ``sum_{v allowed} p_LM(v | x_{<t})`` (the
+  ``log p - log q`` that :class:`ppl.propose` adds), exact as in LLaMPPL's token masks.
+
+``require_eos=True`` restricts the target to sequences that end with EOS within the limit
+(the last slot may only hold EOS); without it a sequence cut at the limit is kept as is,
+which is the LM's own distribution of its first ``max_new_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from jaxtyping import Array, Bool, Int
+
+from ppl.distributions import NextToken, _prompt_cache, check_prompt
+from ppl.lm import LM, Cache, TokenConstraint
+from ppl.program import StateSpace
+
+PROPOSALS = ("prior", "locally_optimal")
+
+
+class TokenState(NamedTuple):
+    """The particle batch of a generation program (``N`` particles, ``T`` new tokens).
+
+    ``tokens[i, :length[i]]`` are particle ``i``'s generated tokens, EOS excluded (the rest
+    is ``-1``); ``last`` is the token the KV cache has not seen yet; ``finished`` marks EOS
+    or the limit and ``ended_with_eos`` which of the two.
+    """
+
+    tokens: Int[Array, "N T"]
+    length: Int[Array, " N"]
+    last: Int[Array, " N"]
+    finished: Bool[Array, " N"]
+    ended_with_eos: Bool[Array, " N"]
+    constraint_state: Int[Array, " N"]
+    cache: Cache
+    potential_carry: tuple
+
+
+class Generation(StateSpace):
+    """Generate up to ``max_new_tokens`` tokens after ``prompt`` under a constraint and
+    potentials; see the module docstring for the target and the proposals.
+
+    Args:
+        lm: any :class:`ppl.lm.LM`.
+        prompt: ``[P]`` token ids (chat template already applied), ``P >= 1``.
+        max_new_tokens: the token budget ``T`` (one ``step`` per token).
+        eos_token_id: the token that ends a sequence.
+        constraint: a token-level automaton (``ppl.models.constraints``), or ``None``.
+        potentials: incremental potentials (``ppl.rewards.incremental``), added in log space.
+        proposal: ``"prior"`` or ``"locally_optimal"`` (needs a mask to matter).
+        require_eos: keep only sequences that end with EOS within the budget.
+        max_len: the KV-cache buffer (default: exactly what the prompt and budget need).
+    """
+
+    batched: ClassVar[bool] = True
+    lm: LM
+    prompt: Int[Array, " P"]
+    constraint: TokenConstraint | None
+    potentials: tuple
+    max_steps: int = eqx.field(static=True)
+    eos_token_id: int = eqx.field(static=True)
+    proposal: str = eqx.field(static=True)
+    require_eos: bool = eqx.field(static=True)
+    max_len: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        lm: LM,
+        prompt: Any,
+        max_new_tokens: int,
+        eos_token_id: int,
+        *,
+        constraint: TokenConstraint | None = None,
+        potentials: Sequence[Any] = (),
+        proposal: str = "prior",
+        require_eos: bool = False,
+        max_len: int | None = None,
+    ):
+        self.max_len = check_prompt(jnp.asarray(prompt), max_new_tokens, max_len)
+        if proposal not in PROPOSALS:
+            raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
+        if not 0 <= eos_token_id < lm.vocab_size:
+            raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary of {lm.vocab_size} tokens")
+        if constraint is not None:
+            constraint.check_vocab(lm.vocab_size)
+        self.lm, self.prompt = lm, jnp.asarray(prompt, jnp.int32)
+        self.max_steps, self.eos_token_id = max_new_tokens, eos_token_id
+        self.constraint, self.potentials = constraint, tuple(potentials)
+        self.proposal, self.require_eos = proposal, require_eos
+
+    def init(self, n_particles: int) -> TokenState:
+        cache = self.lm.broadcast(_prompt_cache(self.lm, self.prompt, self.max_len), n_particles)
+        initial = self.constraint.initial if self.constraint is not None else 0
+        return TokenState(
+            tokens=jnp.full((n_particles, self.max_steps), -1, jnp.int32),
+            length=jnp.zeros(n_particles, jnp.int32),
+            last=jnp.full(n_particles, self.prompt[-1]),
+            finished=jnp.zeros(n_particles, bool),
+            ended_with_eos=jnp.zeros(n_particles, bool),
+            constraint_state=jnp.full(n_particles, initial, jnp.int32),
+            cache=cache,
+            potential_carry=tuple(potential.init(n_particles) for potential in self.potentials),
+        )
+
+    def allowed(self, state: TokenState) -> Bool[Array, "N V"] | None:
+        """Which next tokens keep each particle inside the support (``None``: all of them)."""
+        allowed = None
+        if self.constraint is not None:
+            allowed = jax.vmap(self.constraint.mask)(state.constraint_state)
+        if self.require_eos:
+            last_slot = state.length == self.max_steps - 1
+            only_eos = jnp.arange(self.lm.vocab_size) == self.eos_token_id
+            allowed = only_eos | ~last_slot[:, None] if allowed is None else allowed
+            allowed = jnp.where(last_slot[:, None], allowed & only_eos, allowed)
+        return allowed
+
+    def step(self, state: TokenState, t: Int[Array, ""]) -> TokenState:
+        n = state.length.shape[0]
+        rows = jnp.arange(n)
+        next_token = NextToken(self.lm, state.cache, state.last)
+        allowed = self.allowed(state)
+        infer = {}
+        if allowed is not None and self.proposal == "locally_optimal":
+            masked = jnp.where(allowed, next_token.logits, -jnp.inf)
+            # A particle with nothing allowed keeps its prior; the constraint factor kills it.
+            masked = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), masked, next_token.logits)
+            infer = {"proposal": dist.CategoricalLogits(masked)}
+        token = numpyro.sample("token", next_token, infer=infer)
+        if allowed is not None:
+            numpyro.factor("constraint", jnp.where(allowed[rows, token], 0.0, -jnp.inf))
+
+        is_eos = token == self.eos_token_id
+        tokens = jnp.where(is_eos[:, None], state.tokens, state.tokens.at[rows, state.length].set(token))
+        length = state.length + ~is_eos
+        finished = is_eos | (state.length + 1 >= self.max_steps)
+        constraint_state = state.constraint_state
+        if self.constraint is not None:
+            constraint_state = jax.vmap(self.constraint.advance)(constraint_state, token)
+
+        carries, log_potential = [], jnp.zeros(n)
+        for potential, carry in zip(self.potentials, state.potential_carry):
+            carry, increment = potential.update(carry, tokens, length, finished)
+            carries.append(carry)
+            log_potential = log_potential + increment
+        if self.potentials:
+            numpyro.factor("potentials", log_potential)
+        return TokenState(tokens, length, token, finished, is_eos, constraint_state, next_token.cache, tuple(carries))
+
+    def done(self, state: TokenState) -> Bool[Array, " N"]:
+        return state.finished
+
+    def reindex(self, particles: TokenState, ancestors: Int[Array, " N"]) -> TokenState:
+        gathered = super().reindex(particles._replace(cache=None), ancestors)
+        return gathered._replace(cache=self.lm.reindex(particles.cache, ancestors))
+
+    def select(self, active: Bool[Array, " N"], stepped: TokenState, previous: TokenState) -> TokenState:
+        # The cache is taken from ``stepped`` for every row: a finished row's decode wrote past
+        # its sequence, where nothing reads, and copying the cache to undo it would cost as
+        # much as the decode itself.
+        kept = super().select(active, stepped._replace(cache=None), previous._replace(cache=None))
+        return kept._replace(cache=stepped.cache)
