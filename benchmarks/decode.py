@@ -27,11 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
-from transformers.initialization import no_init_weights
 
+from _hf_twin import hf_model  # benchmarks/ is on sys.path when this script runs
 from ppl.models import Llama, load_gguf, smollm2_path
-from ppl.models.loaders import gguf_hf_tensors, hf_config_dict, read_gguf
 
 PROMPT_LEN, NEW_TOKENS, BATCHES = 16, 32, (1, 8, 64)
 
@@ -58,17 +56,6 @@ def decode_loop(model: Llama, cache, first: jax.Array) -> jax.Array:
         return (cache, tokens), tokens
 
     return jax.lax.scan(step, (cache, first), None, length=NEW_TOKENS)[1]
-
-
-def hf_model(path) -> torch.nn.Module:
-    config, tensor = gguf_hf_tensors(read_gguf(path))
-    with no_init_weights():
-        model = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model(**hf_config_dict(config)), dtype=torch.float32
-        )
-    model.load_state_dict({n: torch.from_numpy(tensor(n)) for n in model.state_dict() if n != "lm_head.weight"}, strict=False)
-    model.tie_weights()
-    return model.eval()
 
 
 @torch.no_grad()

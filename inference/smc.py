@@ -165,7 +165,7 @@ def _validate(n_particles: int, ess_threshold: Any, program: StateSpace) -> None
 
 
 @eqx.filter_jit
-def _smc(program, key, n_particles, resampler, ess_threshold, proposal) -> SMCResult:
+def _smc(program, key, n_particles, resampler, ess_threshold, proposal, progress) -> SMCResult:
     check_step_shapes(program, n_particles)
     init_key, loop_key = jax.random.split(key)
     state = init(program, init_key, n_particles, proposal)
@@ -178,7 +178,7 @@ def _smc(program, key, n_particles, resampler, ess_threshold, proposal) -> SMCRe
         )
 
         def run(state):
-            return step(
+            state, info = step(
                 program,
                 jax.random.fold_in(loop_key, t),
                 state,
@@ -187,6 +187,9 @@ def _smc(program, key, n_particles, resampler, ess_threshold, proposal) -> SMCRe
                 ess_threshold=ess_threshold,
                 proposal=proposal,
             )
+            if progress is not None:
+                jax.debug.callback(progress, t, info.ess, jnp.sum(_done(program, state.particles)))
+            return state, info
 
         # scan + cond rather than while_loop: reverse-mode differentiable (for VI), and once
         # every particle is done (or dead) the remaining iterations cost nothing.
@@ -221,6 +224,7 @@ def smc(
     resampling: str | Resampler = "systematic",
     ess_threshold: float | Float[Array, ""] = 0.5,
     proposal: StepProposal | None = None,
+    progress: Callable[[Any, Any, Any], None] | None = None,
 ) -> SMCResult:
     """Sequential Monte Carlo on ``program``; returns a properly weighted :class:`SMCResult`.
 
@@ -238,6 +242,9 @@ def smc(
         proposal: ``proposal(name, prior, state, t) -> q | None`` chooses the distribution to
             sample each latent site from (``None``: its prior, or the ``infer={"proposal": q}``
             the program attached). Weights include ``log p - log q``; the target is unchanged.
+        progress: an optional host function ``progress(t, ess, n_finished)`` called after
+            every step that runs (through ``jax.debug.callback``), e.g. to drive a progress
+            bar; it is part of the compiled function, so pass the same object to reuse it.
 
     Particles whose ``program.done`` holds are frozen. A NaN potential kills its particle
     (treated as ``-inf``) and sets ``nan_weights``; if every particle dies, ``log_z = -inf``
@@ -247,7 +254,7 @@ def smc(
     """
     _validate(n_particles, ess_threshold, program)
     return _smc(
-        program, key, n_particles, get_resampler(resampling), jnp.asarray(ess_threshold, jnp.float32), proposal
+        program, key, n_particles, get_resampler(resampling), jnp.asarray(ess_threshold, jnp.float32), proposal, progress
     )
 
 

@@ -1,6 +1,10 @@
 """Concrete models: the Llama-family decoder with its KV cache, weight loaders, tokenizers,
-and the embedded SmolLM2 default (``ppl.models.smollm2()``)."""
+the embedded SmolLM2 default (``ppl.models.smollm2()``), token-level constraints
+(``ppl.models.constraints``), scorers (``ppl.models.scorers``, needs the ``scorers`` extra)
+and toy models with exact answers (``ppl.models.toy``)."""
 
+from ppl.models import constraints, toy
+from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
 from ppl.models.llama import KVCache, Llama, LlamaConfig
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
@@ -11,9 +15,12 @@ __all__ = [
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "TokenDFA",
     "Tokenizer",
+    "constraints",
     "load_gguf",
     "load_hf_checkpoint",
     "smollm2",
     "smollm2_path",
+    "toy",
 ]

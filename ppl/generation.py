@@ -37,6 +37,7 @@ from jaxtyping import Array, Bool, Int
 from ppl.distributions import NextToken, _prompt_cache, check_prompt
 from ppl.lm import LM, Cache, TokenConstraint
 from ppl.program import StateSpace
+from ppl.rewards import incremental
 
 PROPOSALS = ("prior", "locally_optimal")
 
@@ -69,7 +70,9 @@ class Generation(StateSpace):
         max_new_tokens: the token budget ``T`` (one ``step`` per token).
         eos_token_id: the token that ends a sequence.
         constraint: a token-level automaton (``ppl.models.constraints``), or ``None``.
-        potentials: incremental potentials (``ppl.rewards.incremental``), added in log space.
+        potentials: log potentials ``(tokens, lengths, done) -> log psi`` (:mod:`ppl.rewards`),
+            added in log space; a bare potential gets ratio weighting (its value on the
+            finished sequence is the factor), wrap it in ``ppl.rewards.incremental`` to choose.
         proposal: ``"prior"`` or ``"locally_optimal"`` (needs a mask to matter).
         require_eos: keep only sequences that end with EOS within the budget.
         max_len: the KV-cache buffer (default: exactly what the prompt and budget need).
@@ -108,7 +111,9 @@ class Generation(StateSpace):
             constraint.check_vocab(lm.vocab_size)
         self.lm, self.prompt = lm, jnp.asarray(prompt, jnp.int32)
         self.max_steps, self.eos_token_id = max_new_tokens, eos_token_id
-        self.constraint, self.potentials = constraint, tuple(potentials)
+        self.constraint = constraint
+        # A bare potential gets ratio weighting: its value on the finished sequence is the factor.
+        self.potentials = tuple(p if hasattr(p, "update") else incremental(p) for p in potentials)
         self.proposal, self.require_eos = proposal, require_eos
 
     def init(self, n_particles: int) -> TokenState:

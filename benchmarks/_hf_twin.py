@@ -1,0 +1,27 @@
+"""The HF ``transformers`` twin of a GGUF model, for benchmarks that compare against PyTorch.
+
+The GGUF tensors are dequantised once (``ppl.models.loaders``) and loaded, in float32, into an
+``AutoModelForCausalLM`` built from the matching HF config, so the PyTorch model and
+``ppl.models.load_gguf(path)`` hold exactly the same weights. PyTorch and transformers are
+benchmark/test-only references; the library never imports them.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers.initialization import no_init_weights
+
+from ppl.models.loaders import gguf_hf_tensors, hf_config_dict, read_gguf
+
+
+def hf_model(path) -> torch.nn.Module:
+    """An HF ``*ForCausalLM`` (float32, eval mode) holding the dequantised tensors of the GGUF at ``path``."""
+    config, tensor = gguf_hf_tensors(read_gguf(path))
+    with no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**hf_config_dict(config)), dtype=torch.float32
+        )
+    model.load_state_dict({n: torch.from_numpy(tensor(n)) for n in model.state_dict() if n != "lm_head.weight"}, strict=False)
+    model.tie_weights()
+    return model.eval()
