@@ -178,3 +178,37 @@ def test_bad_input_is_a_clear_error(setup):
     other = SimpleNamespace(vocab_bytes=VOCAB + [b"z"], eos_token_id=EOS, vocab_size=len(VOCAB) + 1)
     with pytest.raises(ValueError, match="vocabulary"):
         ppl.Generation(lm, PROMPT, 4, EOS, constraint=regex("a+", other))
+
+
+def test_nan_reward_kills_the_particle_and_sets_the_flag(setup):
+    """Documented behaviour: a NaN potential counts as -inf for that particle (it is killed)
+    and ``nan_weights`` is set; nothing NaN reaches the result."""
+    lm, _ = setup
+
+    def nan_for_token_zero(tokens, lengths, done):
+        return jnp.where(tokens[:, 0] == 0, jnp.nan, 0.0)
+
+    result = smc(ppl.Generation(lm, PROMPT, MAX_NEW, EOS, potentials=[nan_for_token_zero]), jax.random.key(2), 64)
+    first = np.asarray(result.particles.tokens[:, 0])
+    assert bool(result.nan_weights)
+    assert not np.any(np.isnan(np.asarray(result.log_weights))) and np.isfinite(float(result.log_z))
+    assert np.all(np.asarray(result.log_weights)[first == 0] == -np.inf)
+
+
+def test_impossible_constraint_kills_every_particle(setup):
+    """With the prior proposal and a constraint no sampled token can meet at the last slot,
+    every particle dies: log Z = -inf and the ``all_dead`` flag, no NaN."""
+    lm, _ = setup
+    tokenizer = SimpleNamespace(vocab_bytes=VOCAB, eos_token_id=EOS, vocab_size=len(VOCAB))
+    only_c = regex("c{4}", tokenizer)  # needs 4 tokens then EOS: impossible within 4 slots
+    result = smc(ppl.Generation(lm, PROMPT, MAX_NEW, EOS, constraint=only_c, require_eos=True), jax.random.key(0), 16)
+    assert bool(result.all_dead) and float(result.log_z) == -np.inf
+    assert not np.any(np.isnan(np.asarray(result.weights)))
+
+
+def test_second_call_does_not_recompile(setup, compile_counter):
+    lm, constraint = setup
+    smc(program(lm, constraint, "locally_optimal"), jax.random.key(0), 16).log_z.block_until_ready()
+    compile_counter.count = 0
+    smc(program(lm, constraint, "locally_optimal"), jax.random.key(1), 16).log_z.block_until_ready()
+    assert compile_counter.count == 0
