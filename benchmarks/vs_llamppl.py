@@ -179,6 +179,26 @@ def llamppl_lm(model: torch.nn.Module, tok: Tokenizer, batch_size: int) -> llamp
     return llamppl.CachedCausalLM(backend)
 
 
+def pick_torch_threads(model: torch.nn.Module, prompt_ids: list[int]) -> dict[int, float]:
+    """Give PyTorch its faster thread count on this machine now; returns seconds per trial forward.
+
+    On a loaded 2-core machine PyTorch's OpenMP pool can be several times slower with 2 threads
+    than with 1 (its threads wait on each other when one is descheduled), so LLaMPPL gets
+    whichever is faster, measured on a forward the size of its mid-run steps.
+    """
+    batch = torch.tensor([prompt_ids] * 8)
+    seconds = {}
+    with torch.no_grad():
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            model(batch)
+            start = time.perf_counter()
+            model(batch)
+            seconds[threads] = min(seconds.get(threads, math.inf), time.perf_counter() - start)
+    torch.set_num_threads(min(seconds, key=seconds.get))
+    return seconds
+
+
 def llamppl_mask(lm: llamppl.CachedCausalLM) -> set[int]:
     """Tokens without 'e'/'E', from LLaMPPL's own byte vocabulary; special tokens excluded but EOS."""
     special = {i for i, added in lm.tokenizer.added_tokens_decoder.items() if added.special}
@@ -281,6 +301,9 @@ def main() -> None:
     program = ppl.Generation(lm, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint,
                              proposal="locally_optimal")
     hf = hf_model(path)
+    thread_trial = pick_torch_threads(hf, prompt_ids)
+    print(f"PyTorch threads: {torch.get_num_threads()} (trial forward [8, {len(prompt_ids)}]: "
+          + ", ".join(f"{k} thread(s) {1000 * v:.0f} ms" for k, v in sorted(thread_trial.items())) + ")")
 
     # Fairness checks: same weights (next-token log-probs after the prompt), same prompt ids
     # (asserted in every LLaMPPL run), same allowed-token set.

@@ -315,3 +315,20 @@ def intersect(a: TokenDFA, b: TokenDFA) -> TokenDFA:
     # The classes already keep EOS and special tokens dead, so nothing is forced here.
     return _compress(np.stack(rows), token_class.reshape(-1), accepting, 0, a.eos_token_id,
                      np.zeros(a.vocab_size, bool), "the intersection")
+
+
+def delimiter_tokens(delimiter: str, tokenizer: Tokenizer) -> np.ndarray:
+    """``[V]`` booleans: the tokens whose text contains ``delimiter`` (EOS excluded).
+
+    ``ppl.Generation(delimiter=...)`` ends a chunk at such a token. A delimiter that the
+    tokenizer can also spell across two tokens (``"\\n\\n"`` as ``"\\n"``, ``"\\n"``) is only
+    seen when one token holds it whole.
+    """
+    if not delimiter:
+        raise ValueError("delimiter must be a non-empty string")
+    needle = delimiter.encode()
+    marks = np.array([needle in data for data in tokenizer.vocab_bytes], bool)
+    marks[tokenizer.eos_token_id] = False
+    if not marks.any():
+        raise ValueError(f"no token of this vocabulary contains the delimiter {delimiter!r}")
+    return marks

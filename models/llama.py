@@ -34,7 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +197,17 @@ class Llama(eqx.Module):
     def broadcast(self, cache: KVCache, batch: int) -> KVCache:
         return cache.broadcast(batch)
 
-    def decode(self, cache: KVCache, tokens: Int[Array, " B"]) -> tuple[Float[Array, "B V"], KVCache]:
+    def decode(
+        self, cache: KVCache, tokens: Int[Array, " B"], active: Bool[Array, " B"] | None = None
+    ) -> tuple[Float[Array, "B V"], KVCache]:
         """Append one token per row at that row's length; next-token logits for every row.
-        A row already at ``max_len`` is not written (its logits are then meaningless)."""
-        hidden, cache = self.extend(cache, tokens[:, None])
-        return self.logits(hidden[:, 0]), cache
+        A row already at ``max_len`` is not written (its logits are then meaningless). Rows
+        with ``active`` false keep their length: what was written past it is overwritten by
+        their next real token, so a batch can wait on some rows without copying the cache."""
+        hidden, new = self.extend(cache, tokens[:, None])
+        if active is not None:
+            new = KVCache(new.keys, new.values, jnp.where(active, new.lengths, cache.lengths))
+        return self.logits(hidden[:, 0]), new
 
     def reindex(self, cache: KVCache, ancestors: Int[Array, " B"]) -> KVCache:
         return cache.reindex(ancestors)

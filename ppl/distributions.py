@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 from numpyro.distributions import constraints
 
 from ppl.lm import LM, Cache
@@ -32,10 +32,11 @@ class NextToken(dist.CategoricalLogits):
         cache: its KV cache holding each row's history except the last token.
         last_tokens: ``[B]`` each row's last token, not yet in the cache; building the
             distribution feeds it (one batched decode) and keeps the new cache in ``.cache``.
+        active: ``[B]`` rows to advance (default all); the others keep their history.
     """
 
-    def __init__(self, lm: LM, cache: Cache, last_tokens: Int[Array, " B"]):
-        logits, self.cache = lm.decode(cache, last_tokens)
+    def __init__(self, lm: LM, cache: Cache, last_tokens: Int[Array, " B"], active: Bool[Array, " B"] | None = None):
+        logits, self.cache = lm.decode(cache, last_tokens, active)
         super().__init__(logits=logits)
 
 

@@ -18,6 +18,14 @@ Proposals (the target never changes):
   renormalised; the weight is the allowed mass ``sum_{v allowed} p_LM(v | x_{<t})`` (the
   ``log p - log q`` that :class:`ppl.propose` adds), exact as in LLaMPPL's token masks.
 
+Steps (the resampling points) are single tokens, or, with ``delimiter`` and
+``step="chunk"``, chunks that end at a delimiter token (a line, a reasoning step, a word):
+every particle generates until its chunk ends while the finished ones wait (a barrier), then
+potentials are applied and SMC may resample. A chunk is drawn inside one ``while_loop`` by
+the same two proposals, its weight accumulated token by token; user proposals given to
+``smc(proposal=...)`` reach token-level steps only. ``max_chunks`` ends a sequence after
+that many delimiters, whatever the step.
+
 ``require_eos=True`` restricts the target to sequences that end with EOS within the limit
 (the last slot may only hold EOS); without it a sequence cut at the limit is kept as is,
 which is the LM's own distribution of its first ``max_new_tokens`` tokens.
@@ -32,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ppl.distributions import NextToken, _prompt_cache, check_prompt
 from ppl.lm import LM, Cache, TokenConstraint
@@ -46,8 +54,9 @@ class TokenState(NamedTuple):
     """The particle batch of a generation program (``N`` particles, ``T`` new tokens).
 
     ``tokens[i, :length[i]]`` are particle ``i``'s generated tokens, EOS excluded (the rest
-    is ``-1``); ``last`` is the token the KV cache has not seen yet; ``finished`` marks EOS
-    or the limit and ``ended_with_eos`` which of the two.
+    is ``-1``); ``last`` is the token the KV cache has not seen yet; ``finished`` marks EOS,
+    the token limit or ``max_chunks``, and ``ended_with_eos`` the first of these;
+    ``n_chunks`` counts delimiters.
     """
 
     tokens: Int[Array, "N T"]
@@ -55,19 +64,27 @@ class TokenState(NamedTuple):
     last: Int[Array, " N"]
     finished: Bool[Array, " N"]
     ended_with_eos: Bool[Array, " N"]
+    n_chunks: Int[Array, " N"]
     constraint_state: Int[Array, " N"]
     cache: Cache
     potential_carry: tuple
 
 
+def _masked_logits(logits: Float[Array, "N V"], allowed: Bool[Array, "N V"]) -> Float[Array, "N V"]:
+    """The locally optimal proposal's logits; a row with nothing allowed keeps its prior
+    (the constraint factor kills it), so no row is an all ``-inf`` categorical."""
+    masked = jnp.where(allowed, logits, -jnp.inf)
+    return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), masked, logits)
+
+
 class Generation(StateSpace):
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` under a constraint and
-    potentials; see the module docstring for the target and the proposals.
+    potentials; see the module docstring for the target, the proposals and chunk steps.
 
     Args:
         lm: any :class:`ppl.lm.LM`.
         prompt: ``[P]`` token ids (chat template already applied), ``P >= 1``.
-        max_new_tokens: the token budget ``T`` (one ``step`` per token).
+        max_new_tokens: the token budget ``T`` (and the most steps).
         eos_token_id: the token that ends a sequence.
         constraint: a token-level automaton (``ppl.models.constraints``), or ``None``.
         potentials: log potentials ``(tokens, lengths, done) -> log psi`` (:mod:`ppl.rewards`),
@@ -75,6 +92,10 @@ class Generation(StateSpace):
             finished sequence is the factor), wrap it in ``ppl.rewards.incremental`` to choose.
         proposal: ``"prior"`` or ``"locally_optimal"`` (needs a mask to matter).
         require_eos: keep only sequences that end with EOS within the budget.
+        delimiter: ``[V]`` booleans, the tokens that end a chunk
+            (``ppl.models.constraints.delimiter_tokens``).
+        step: ``"token"`` or ``"chunk"`` (needs ``delimiter``).
+        max_chunks: finish a sequence after this many delimiters.
         max_len: the KV-cache buffer (default: exactly what the prompt and budget need).
     """
 
@@ -83,10 +104,13 @@ class Generation(StateSpace):
     prompt: Int[Array, " P"]
     constraint: TokenConstraint | None
     potentials: tuple
+    delimiter: Bool[Array, " V"] | None
     max_steps: int = eqx.field(static=True)
     eos_token_id: int = eqx.field(static=True)
     proposal: str = eqx.field(static=True)
     require_eos: bool = eqx.field(static=True)
+    chunked: bool = eqx.field(static=True)
+    max_chunks: int | None = eqx.field(static=True)
     max_len: int = eqx.field(static=True)
 
     def __init__(
@@ -100,11 +124,20 @@ class Generation(StateSpace):
         potentials: Sequence[Any] = (),
         proposal: str = "prior",
         require_eos: bool = False,
+        delimiter: Any = None,
+        step: str = "token",
+        max_chunks: int | None = None,
         max_len: int | None = None,
     ):
         self.max_len = check_prompt(jnp.asarray(prompt), max_new_tokens, max_len)
         if proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
+        if step not in ("token", "chunk"):
+            raise ValueError(f"step must be 'token' or 'chunk', got {step!r}")
+        if delimiter is None and (step == "chunk" or max_chunks is not None):
+            raise ValueError("step='chunk' and max_chunks need a delimiter (a [vocab_size] boolean array)")
+        if delimiter is not None and jnp.shape(delimiter) != (lm.vocab_size,):
+            raise ValueError(f"delimiter must have shape ({lm.vocab_size},) like the LM's vocabulary, got {jnp.shape(delimiter)}")
         if not 0 <= eos_token_id < lm.vocab_size:
             raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary of {lm.vocab_size} tokens")
         if constraint is not None:
@@ -115,16 +148,20 @@ class Generation(StateSpace):
         # A bare potential gets ratio weighting: its value on the finished sequence is the factor.
         self.potentials = tuple(p if hasattr(p, "update") else incremental(p) for p in potentials)
         self.proposal, self.require_eos = proposal, require_eos
+        self.delimiter = None if delimiter is None else jnp.asarray(delimiter, bool)
+        self.chunked, self.max_chunks = step == "chunk", max_chunks
 
     def init(self, n_particles: int) -> TokenState:
         cache = self.lm.broadcast(_prompt_cache(self.lm, self.prompt, self.max_len), n_particles)
         initial = self.constraint.initial if self.constraint is not None else 0
+        zeros = jnp.zeros(n_particles, jnp.int32)
         return TokenState(
             tokens=jnp.full((n_particles, self.max_steps), -1, jnp.int32),
-            length=jnp.zeros(n_particles, jnp.int32),
+            length=zeros,
             last=jnp.full(n_particles, self.prompt[-1]),
             finished=jnp.zeros(n_particles, bool),
             ended_with_eos=jnp.zeros(n_particles, bool),
+            n_chunks=zeros,
             constraint_state=jnp.full(n_particles, initial, jnp.int32),
             cache=cache,
             potential_carry=tuple(potential.init(n_particles) for potential in self.potentials),
@@ -142,37 +179,80 @@ class Generation(StateSpace):
             allowed = jnp.where(last_slot[:, None], allowed & only_eos, allowed)
         return allowed
 
-    def step(self, state: TokenState, t: Int[Array, ""]) -> TokenState:
-        n = state.length.shape[0]
-        rows = jnp.arange(n)
-        next_token = NextToken(self.lm, state.cache, state.last)
-        allowed = self.allowed(state)
-        infer = {}
-        if allowed is not None and self.proposal == "locally_optimal":
-            masked = jnp.where(allowed, next_token.logits, -jnp.inf)
-            # A particle with nothing allowed keeps its prior; the constraint factor kills it.
-            masked = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), masked, next_token.logits)
-            infer = {"proposal": dist.CategoricalLogits(masked)}
-        token = numpyro.sample("token", next_token, infer=infer)
-        if allowed is not None:
-            numpyro.factor("constraint", jnp.where(allowed[rows, token], 0.0, -jnp.inf))
-
+    def append(self, state: TokenState, token: Int[Array, " N"], cache: Cache, active: Bool[Array, " N"]) -> TokenState:
+        """``state`` with ``token`` appended on the ``active`` rows (others unchanged)."""
+        rows = jnp.arange(token.shape[0])
         is_eos = token == self.eos_token_id
-        tokens = jnp.where(is_eos[:, None], state.tokens, state.tokens.at[rows, state.length].set(token))
-        length = state.length + ~is_eos
+        n_chunks = state.n_chunks + (self.delimiter[token] if self.delimiter is not None else 0)
         finished = is_eos | (state.length + 1 >= self.max_steps)
+        if self.max_chunks is not None:
+            finished |= n_chunks >= self.max_chunks
         constraint_state = state.constraint_state
         if self.constraint is not None:
             constraint_state = jax.vmap(self.constraint.advance)(constraint_state, token)
+        appended = state._replace(
+            tokens=jnp.where(is_eos[:, None], state.tokens, state.tokens.at[rows, state.length].set(token)),
+            length=state.length + ~is_eos,
+            last=token,
+            finished=finished,
+            ended_with_eos=is_eos,
+            n_chunks=n_chunks,
+            constraint_state=constraint_state,
+            cache=None,
+        )
+        return super().select(active, appended, state._replace(cache=None))._replace(cache=cache)
 
-        carries, log_potential = [], jnp.zeros(n)
+    def step(self, state: TokenState, t: Int[Array, ""]) -> TokenState:
+        state = self._chunk_step(state) if self.chunked else self._token_step(state)
+        carries, log_potential = [], jnp.zeros(state.length.shape[0])
         for potential, carry in zip(self.potentials, state.potential_carry):
-            carry, increment = potential.update(carry, tokens, length, finished)
+            carry, increment = potential.update(carry, state.tokens, state.length, state.finished)
             carries.append(carry)
             log_potential = log_potential + increment
         if self.potentials:
             numpyro.factor("potentials", log_potential)
-        return TokenState(tokens, length, token, finished, is_eos, constraint_state, next_token.cache, tuple(carries))
+        return state._replace(potential_carry=tuple(carries))
+
+    def _token_step(self, state: TokenState) -> TokenState:
+        """One token for every particle, drawn at a ``numpyro.sample`` site."""
+        active = ~state.finished
+        next_token = NextToken(self.lm, state.cache, state.last, active)
+        allowed = self.allowed(state)
+        infer = {}
+        if allowed is not None and self.proposal == "locally_optimal":
+            infer = {"proposal": dist.CategoricalLogits(_masked_logits(next_token.logits, allowed))}
+        token = numpyro.sample("token", next_token, infer=infer)
+        if allowed is not None:
+            numpyro.factor("constraint", jnp.where(allowed[jnp.arange(token.shape[0]), token], 0.0, -jnp.inf))
+        return self.append(state, token, next_token.cache, active)
+
+    def _chunk_step(self, state: TokenState) -> TokenState:
+        """Tokens until every particle's chunk has ended; the weight of the whole chunk
+        (``log p - log q`` and the constraint, token by token) enters as one factor."""
+
+        def body(carry):
+            state, in_chunk, log_weights, key = carry
+            key, sample_key = jax.random.split(key)
+            logits, cache = self.lm.decode(state.cache, state.last, in_chunk)
+            allowed = self.allowed(state)
+            log_increment = jnp.zeros_like(log_weights)
+            if allowed is not None and self.proposal == "locally_optimal":
+                masked = _masked_logits(logits, allowed)
+                token = jax.random.categorical(sample_key, masked)
+                log_increment = jax.nn.logsumexp(masked, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
+            else:
+                token = jax.random.categorical(sample_key, logits)
+            if allowed is not None:
+                log_increment += jnp.where(allowed[jnp.arange(token.shape[0]), token], 0.0, -jnp.inf)
+            state = self.append(state, token, cache, in_chunk)
+            log_weights += jnp.where(in_chunk, log_increment, 0.0)
+            in_chunk &= ~(self.delimiter[token] | state.finished)
+            return state, in_chunk, log_weights, key
+
+        start = (state, ~state.finished, jnp.zeros(state.length.shape[0]), numpyro.prng_key())
+        state, _, log_weights, _ = jax.lax.while_loop(lambda carry: jnp.any(carry[1]), body, start)
+        numpyro.factor("chunk", log_weights)
+        return state
 
     def done(self, state: TokenState) -> Bool[Array, " N"]:
         return state.finished
@@ -182,8 +262,7 @@ class Generation(StateSpace):
         return gathered._replace(cache=self.lm.reindex(particles.cache, ancestors))
 
     def select(self, active: Bool[Array, " N"], stepped: TokenState, previous: TokenState) -> TokenState:
-        # The cache is taken from ``stepped`` for every row: a finished row's decode wrote past
-        # its sequence, where nothing reads, and copying the cache to undo it would cost as
-        # much as the decode itself.
+        # Inactive rows were decoded with ``active=False``: their cache holds the same sequence,
+        # so the stepped cache serves every row without a copy.
         kept = super().select(active, stepped._replace(cache=None), previous._replace(cache=None))
         return kept._replace(cache=stepped.cache)

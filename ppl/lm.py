@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 Cache = Any
 
@@ -41,8 +41,11 @@ class LM(Protocol):
         """Copy a batch-1 cache to ``batch`` rows (the prompt is prefilled once, shared)."""
         ...
 
-    def decode(self, cache: Cache, tokens: Int[Array, " B"]) -> tuple[Float[Array, "B V"], Cache]:
-        """Append one token per row at that row's current length; return next-token logits."""
+    def decode(
+        self, cache: Cache, tokens: Int[Array, " B"], active: Bool[Array, " B"] | None = None
+    ) -> tuple[Float[Array, "B V"], Cache]:
+        """Append one token per row at that row's current length; return next-token logits.
+        Rows where ``active`` is false must come out holding the same sequence as before."""
         ...
 
     def reindex(self, cache: Cache, ancestors: Int[Array, " B"]) -> Cache:
