@@ -51,6 +51,7 @@ def test_pimh_chains_sample_the_exact_posterior(hmm, sampler_name):
     acceptance = float(chains.acceptance_rate)
     assert 0.2 < acceptance < 0.95, acceptance
     p_value = _chi_square_p_value(final, paths, probabilities)
+    print(f"PIMH ({sampler_name}): acceptance {acceptance:.3f}, chi-square p = {p_value:.4f}")
     assert p_value > 1e-3, p_value
 
 

@@ -43,6 +43,7 @@ def test_iwae_is_a_lower_bound_that_tightens_with_k(hmm):
         mean, standard_error = float(draws.mean()), float(draws.std() / np.sqrt(4000))
         assert mean + 3 * standard_error < log_z, (k, mean, standard_error, log_z)
         bounds.append(mean)
+    print(f"log Z = {log_z:.4f}; IWAE(K=1,4,16,64) = {[round(b, 4) for b in bounds]}")
     assert all(b > a for a, b in zip(bounds, bounds[1:])), bounds
     np.testing.assert_allclose(elbo(program, guide, jax.random.key(0), 4000), bounds[0], atol=0.1)
 
@@ -59,6 +60,7 @@ def test_trained_guide_closes_the_elbo_gap(hmm):
     log_z = float(hmm.log_z())
     before = float(elbo(program, guide, jax.random.key(1), 10_000))
     after = float(elbo(program, trained, jax.random.key(1), 10_000))
+    print(f"log Z = {log_z:.4f}; ELBO before {before:.4f}, after training {after:.4f} (gap {log_z - after:.4f})")
     assert after <= log_z + 1e-3
     assert log_z - after < 0.05, (log_z, after, before)
     assert after > before + 0.5
