@@ -17,6 +17,12 @@ Proposals (the target never changes):
 - ``"locally_optimal"``: sample from ``p_LM`` restricted to the allowed tokens and
   renormalised; the weight is the allowed mass ``sum_{v allowed} p_LM(v | x_{<t})`` (the
   ``log p - log q`` that :class:`ppl.propose` adds), exact as in LLaMPPL's token masks.
+- a user ``twist`` (twisted SMC, Zhao et al. 2024): ``twist(state) -> [N, V]`` gives
+  ``log psi_t(x_{<t}, v)`` for every candidate next token ``v``, a look-ahead guess of how
+  well each continuation will score. Tokens are drawn from ``q ∝ p_LM · psi_t`` (times the
+  mask, if any), the intermediate targets become ``p · psi_t`` and the weight increment is
+  ``log sum_v p_LM(v) psi_t(v) - log psi_{t-1}``; a particle's last twist is divided out
+  when it finishes, so the final target is unchanged whatever the twist.
 
 Steps (the resampling points) are single tokens, or, with ``delimiter`` and
 ``step="chunk"``, chunks that end at a delimiter token (a line, a reasoning step, a word):
@@ -33,7 +39,7 @@ which is the LM's own distribution of its first ``max_new_tokens`` tokens.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import equinox as eqx
 import jax
@@ -56,7 +62,7 @@ class TokenState(NamedTuple):
     ``tokens[i, :length[i]]`` are particle ``i``'s generated tokens, EOS excluded (the rest
     is ``-1``); ``last`` is the token the KV cache has not seen yet; ``finished`` marks EOS,
     the token limit or ``max_chunks``, and ``ended_with_eos`` the first of these;
-    ``n_chunks`` counts delimiters.
+    ``n_chunks`` counts delimiters; ``log_twist`` is the twist of the current prefix.
     """
 
     tokens: Int[Array, "N T"]
@@ -65,6 +71,7 @@ class TokenState(NamedTuple):
     finished: Bool[Array, " N"]
     ended_with_eos: Bool[Array, " N"]
     n_chunks: Int[Array, " N"]
+    log_twist: Float[Array, " N"]
     constraint_state: Int[Array, " N"]
     cache: Cache
     potential_carry: tuple
@@ -96,6 +103,7 @@ class Generation(StateSpace):
             (``ppl.models.constraints.delimiter_tokens``).
         step: ``"token"`` or ``"chunk"`` (needs ``delimiter``).
         max_chunks: finish a sequence after this many delimiters.
+        twist: ``twist(state) -> [N, V]`` log twist of every next token (token steps only).
         max_len: the KV-cache buffer (default: exactly what the prompt and budget need).
     """
 
@@ -105,6 +113,7 @@ class Generation(StateSpace):
     constraint: TokenConstraint | None
     potentials: tuple
     delimiter: Bool[Array, " V"] | None
+    twist: Callable[[TokenState], Float[Array, "N V"]] | None
     max_steps: int = eqx.field(static=True)
     eos_token_id: int = eqx.field(static=True)
     proposal: str = eqx.field(static=True)
@@ -127,6 +136,7 @@ class Generation(StateSpace):
         delimiter: Any = None,
         step: str = "token",
         max_chunks: int | None = None,
+        twist: Callable[[TokenState], Float[Array, "N V"]] | None = None,
         max_len: int | None = None,
     ):
         self.max_len = check_prompt(jnp.asarray(prompt), max_new_tokens, max_len)
@@ -136,6 +146,8 @@ class Generation(StateSpace):
             raise ValueError(f"step must be 'token' or 'chunk', got {step!r}")
         if delimiter is None and (step == "chunk" or max_chunks is not None):
             raise ValueError("step='chunk' and max_chunks need a delimiter (a [vocab_size] boolean array)")
+        if twist is not None and step == "chunk":
+            raise ValueError("a twist applies to token steps; use step='token'")
         if delimiter is not None and jnp.shape(delimiter) != (lm.vocab_size,):
             raise ValueError(f"delimiter must have shape ({lm.vocab_size},) like the LM's vocabulary, got {jnp.shape(delimiter)}")
         if not 0 <= eos_token_id < lm.vocab_size:
@@ -149,7 +161,7 @@ class Generation(StateSpace):
         self.potentials = tuple(p if hasattr(p, "update") else incremental(p) for p in potentials)
         self.proposal, self.require_eos = proposal, require_eos
         self.delimiter = None if delimiter is None else jnp.asarray(delimiter, bool)
-        self.chunked, self.max_chunks = step == "chunk", max_chunks
+        self.chunked, self.max_chunks, self.twist = step == "chunk", max_chunks, twist
 
     def init(self, n_particles: int) -> TokenState:
         cache = self.lm.broadcast(_prompt_cache(self.lm, self.prompt, self.max_len), n_particles)
@@ -162,6 +174,7 @@ class Generation(StateSpace):
             finished=jnp.zeros(n_particles, bool),
             ended_with_eos=jnp.zeros(n_particles, bool),
             n_chunks=zeros,
+            log_twist=jnp.zeros(n_particles),
             constraint_state=jnp.full(n_particles, initial, jnp.int32),
             cache=cache,
             potential_carry=tuple(potential.init(n_particles) for potential in self.potentials),
@@ -216,15 +229,26 @@ class Generation(StateSpace):
     def _token_step(self, state: TokenState) -> TokenState:
         """One token for every particle, drawn at a ``numpyro.sample`` site."""
         active = ~state.finished
+        rows = jnp.arange(state.length.shape[0])
         next_token = NextToken(self.lm, state.cache, state.last, active)
         allowed = self.allowed(state)
-        infer = {}
+        proposal_logits = next_token.logits
+        if self.twist is not None:
+            log_twist = self.twist(state)
+            proposal_logits = proposal_logits + log_twist
         if allowed is not None and self.proposal == "locally_optimal":
-            infer = {"proposal": dist.CategoricalLogits(_masked_logits(next_token.logits, allowed))}
+            proposal_logits = _masked_logits(proposal_logits, allowed)
+        infer = {} if proposal_logits is next_token.logits else {"proposal": dist.CategoricalLogits(proposal_logits)}
         token = numpyro.sample("token", next_token, infer=infer)
         if allowed is not None:
-            numpyro.factor("constraint", jnp.where(allowed[jnp.arange(token.shape[0]), token], 0.0, -jnp.inf))
-        return self.append(state, token, next_token.cache, active)
+            numpyro.factor("constraint", jnp.where(allowed[rows, token], 0.0, -jnp.inf))
+        state = self.append(state, token, next_token.cache, active)
+        if self.twist is not None:
+            # psi_t(x_{1:t}) / psi_{t-1}(x_{<t}); a finished particle keeps no twist.
+            new_twist = jnp.where(state.finished, 0.0, log_twist[rows, token])
+            numpyro.factor("twist", new_twist - state.log_twist)
+            state = state._replace(log_twist=jnp.where(active, new_twist, state.log_twist))
+        return state
 
     def _chunk_step(self, state: TokenState) -> TokenState:
         """Tokens until every particle's chunk has ended; the weight of the whole chunk
