@@ -35,7 +35,14 @@ done, so they may run fewer than T steps; ``smc_over_sampling`` compares time pe
 (SMC wall / n_steps over sampling wall / T), medians over seeds. Wall times include the prompt
 prefill on both sides. The runs of the systems alternate, so all see the same machine load.
 
-    python benchmarks/vs_llamppl.py [--quick] [--seeds 5] [--ppl-seeds 20] [--profile]
+Threads: both systems get the same number, ``--threads`` (default 1: PyTorch
+``set_num_threads(1)``, XLA ``--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1``). On a small machine shared with other jobs, one thread is
+faster for both: a 2-thread pool stalls whenever one of its threads is descheduled (measured
+on a loaded 2-core VM: PyTorch linear layers ~5× slower with 2 threads, XLA decode ~1.7×
+slower at batch 8). Use ``--threads 2`` on an idle machine.
+
+    python benchmarks/vs_llamppl.py [--quick] [--seeds 5] [--ppl-seeds 20] [--profile] [--threads 1]
 
 ``--seeds`` is the number of LLaMPPL runs per N, ``--ppl-seeds`` the number of ppl runs per N
 (default 4 × seeds); ``--quick`` is ``--seeds 2 --ppl-seeds 4``. ``--profile`` also times ppl
@@ -53,24 +60,44 @@ import functools
 import math
 import os
 import platform
+import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import tokenizers
-import torch
-import transformers
-from _hf_twin import hf_model  # benchmarks/ is on sys.path when this script runs
 
-import llamppl
-import ppl
-from ppl.inference import smc
-from ppl.models import load_gguf, smollm2_path
-from ppl.models.constraints import lipogram
-from ppl.models.tokenizer import Tokenizer
+def _threads_from_argv(argv: list[str]) -> int:
+    """``--threads`` must act before jax is imported (XLA reads its flags once, at start-up)."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+THREADS = _threads_from_argv(sys.argv)
+if __name__ == "__main__" and THREADS == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from _hf_twin import hf_model  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+
+import llamppl  # noqa: E402
+import ppl  # noqa: E402
+from ppl.inference import smc  # noqa: E402
+from ppl.models import load_gguf, smollm2_path  # noqa: E402
+from ppl.models.constraints import lipogram  # noqa: E402
+from ppl.models.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Write a short story about a cat.\n\nOnce upon a time,"
 NEW_TOKENS = 32
@@ -180,26 +207,6 @@ def llamppl_lm(model: torch.nn.Module, tok: Tokenizer, batch_size: int) -> llamp
     return llamppl.CachedCausalLM(backend)
 
 
-def pick_torch_threads(model: torch.nn.Module, prompt_ids: list[int]) -> dict[int, float]:
-    """Give PyTorch its faster thread count on this machine now; returns seconds per trial forward.
-
-    On a loaded 2-core machine PyTorch's OpenMP pool can be several times slower with 2 threads
-    than with 1 (its threads wait on each other when one is descheduled), so LLaMPPL gets
-    whichever is faster, measured on a forward the size of its mid-run steps.
-    """
-    batch = torch.tensor([prompt_ids] * 8)
-    seconds = {}
-    with torch.no_grad():
-        for threads in (1, 2, 1, 2):
-            torch.set_num_threads(threads)
-            model(batch)
-            start = time.perf_counter()
-            model(batch)
-            seconds[threads] = min(seconds.get(threads, math.inf), time.perf_counter() - start)
-    torch.set_num_threads(min(seconds, key=seconds.get))
-    return seconds
-
-
 def llamppl_mask(lm: llamppl.CachedCausalLM) -> set[int]:
     """Tokens without 'e'/'E', from LLaMPPL's own byte vocabulary; special tokens excluded but EOS."""
     special = {i for i, added in lm.tokenizer.added_tokens_decoder.items() if added.special}
@@ -249,7 +256,51 @@ def machine_line() -> str:
     load = os.getloadavg()
     return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; jax {jax.__version__}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, llamppl 0.2.3")
+            f"({torch.get_num_threads()} threads), XLA {'1 thread' if THREADS == 1 else 'all cores'}, transformers {transformers.__version__}, llamppl 0.2.3")
+
+
+class PerLayerReindex(eqx.Module):
+    """``lm`` with the resampling gather of its KV cache done one layer at a time (a prototype).
+
+    ``KVCache.reindex`` gathers ``[layers, N, ...]`` along axis 1 in one ``jnp.take``; XLA:CPU
+    gives that gather a particle-major layout, and since the ``lax.cond`` around resampling
+    must return one layout from both branches, every SMC step (resampling or not) transposes
+    the whole K and V caches into that layout and back for the decode: four full-cache copies
+    per step. A ``lax.map`` over layers gathers each ``[N, ...]`` slice along its leading axis
+    and keeps the row-major layout, so only resampling steps pay for the gather.
+    """
+
+    lm: Any
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.vocab_size
+
+    def init_cache(self, batch, max_len):
+        return self.lm.init_cache(batch, max_len)
+
+    def prefill(self, tokens, max_len):
+        return self.lm.prefill(tokens, max_len)
+
+    def broadcast(self, cache, batch):
+        return self.lm.broadcast(cache, batch)
+
+    def decode(self, cache, tokens, active=None):
+        return self.lm.decode(cache, tokens, active)
+
+    def reindex(self, cache, ancestors):
+        def gather(buffer):
+            return jax.lax.map(lambda layer: jnp.take(layer, ancestors, axis=0), buffer)
+
+        return type(cache)(gather(cache.keys), gather(cache.values), jnp.take(cache.lengths, ancestors, axis=0))
+
+
+def full_cache_copies(program: ppl.Generation, n: int) -> int:
+    """How many whole-KV-cache copies the compiled ``smc`` holds (XLA's ``wrapped_copy`` fusions)."""
+    hlo = jax.jit(lambda p, k: smc(p, k, n, resampling="systematic")).lower(program, jax.random.key(0)).compile().as_text()
+    shape = jax.eval_shape(lambda: program.lm.broadcast(program.lm.init_cache(1, program.max_len), n)).keys.shape
+    pattern = rf"= f32\[{','.join(map(str, shape))}\]\{{[0-9,]+\}} fusion\([^)]*\), kind=kLoop, calls=%wrapped_copy"
+    return len(re.findall(pattern, hlo))
 
 
 def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> None:
@@ -261,13 +312,22 @@ def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> No
         "SMC lipogram, never resample (ess 0)": ("lipogram", 0.0),
         "SMC lipogram, resample every step (ess 1)": ("lipogram", 1.0),
         "SMC no constraint, prior proposal, ess 0.5": ("free", 0.5),
-        "SMC no constraint, prior proposal, ess 0": ("free", 0.0),
+        "fix: per-layer reindex, lipogram, ess 0.5": ("fixed", 0.5),
+        "fix: per-layer reindex, lipogram, ess 0": ("fixed", 0.0),
+        "fix: per-layer reindex, lipogram, ess 1": ("fixed", 1.0),
     }
+    def lipogram_program(model):
+        return ppl.Generation(model, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint,
+                              proposal="locally_optimal")
+
     programs = {
-        "lipogram": ppl.Generation(lm, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint,
-                                   proposal="locally_optimal"),
+        "lipogram": lipogram_program(lm),
         "free": ppl.Generation(lm, prompt, NEW_TOKENS, tok.eos_token_id),
+        "fixed": lipogram_program(PerLayerReindex(lm)),
     }
+    print(f"\nprofile, N = {n}: ppl SMC variants against plain sampling")
+    for name, program in programs.items():
+        print(f"  {name} program: {full_cache_copies(program, n)} whole-KV-cache copies in the compiled smc")
     for program in programs.values():
         ppl_smc(program, tok, n, 0)  # compile (the threshold is traced: one compilation each)
     runs: dict[str, list[Run]] = {name: [] for name in variants}
@@ -279,7 +339,7 @@ def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> No
                 runs[name].append(ppl_smc(programs[spec[0]], tok, n, 1000 + seed, spec[1]))
     base = per_step_ms(runs["sampling (lax.scan decode + categorical)"])
     base_cpu = per_step_ms(runs["sampling (lax.scan decode + categorical)"], cpu=True)
-    print(f"\nprofile, N = {n}, {seeds} runs each (interleaved); median per decode step, wall and process CPU time:")
+    print(f"  {seeds} runs each (interleaved); median per decode step, wall and process CPU time:")
     for name, rs in runs.items():
         ms, cpu_ms = per_step_ms(rs), per_step_ms(rs, cpu=True)
         print(f"  {name:<45} wall {ms:6.1f} ms ×{ms / base:.3f}   CPU {cpu_ms:6.1f} ms ×{cpu_ms / base_cpu:.3f}   "
@@ -292,7 +352,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="LLaMPPL runs per N (default 5)")
     parser.add_argument("--ppl-seeds", type=int, default=None, help="ppl runs per N (default 4 × seeds)")
     parser.add_argument("--profile", action="store_true", help="also time ppl SMC variants at N = 64")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for PyTorch and for XLA: 1 (default) or more (XLA then uses all cores)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     seeds = args.seeds or (2 if args.quick else 5)
     ppl_seeds = args.ppl_seeds or (4 if args.quick else 4 * seeds)
 
@@ -304,9 +367,6 @@ def main() -> None:
     program = ppl.Generation(lm, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint,
                              proposal="locally_optimal")
     hf = hf_model(path)
-    thread_trial = pick_torch_threads(hf, prompt_ids)
-    print(f"PyTorch threads: {torch.get_num_threads()} (trial forward [8, {len(prompt_ids)}]: "
-          + ", ".join(f"{k} thread(s) {1000 * v:.0f} ms" for k, v in sorted(thread_trial.items())) + ")")
 
     # Fairness checks: same weights (next-token log-probs after the prompt), same prompt ids
     # (asserted in every LLaMPPL run), same allowed-token set.

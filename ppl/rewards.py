@@ -170,11 +170,12 @@ def exp_reward(score: Potential, beta: float | Float[Array, ""]) -> ExpReward:
     """The potential ``psi = exp(r / beta)`` of a reward ``r = score(...)``.
 
     ``beta > 0`` is a temperature: small ``beta`` concentrates the target on high reward,
-    ``beta -> inf`` recovers the LM. It may be a traced array (no recompilation per value).
+    ``beta -> inf`` recovers the LM. It is stored as an array, so programs that differ only in
+    ``beta`` share one compiled function.
     """
     if isinstance(beta, (int, float)) and not beta > 0:
         raise ValueError(f"exp_reward needs beta > 0, got {beta}")
-    return ExpReward(score, beta)
+    return ExpReward(score, jnp.asarray(beta, jnp.float32))
 
 
 class BernoulliReward(eqx.Module):
