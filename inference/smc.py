@@ -44,6 +44,7 @@ class SMCState(NamedTuple):
     log_z_prefix: Float[Array, ""]  # log evidence banked at resampling events
     log_q_score: Float[Array, " N"]
     nan_weights: Bool[Array, ""]
+    ess: Float[Array, ""]  # of ``log_weights``, kept so each step computes it once
 
 
 class SMCInfo(NamedTuple):
@@ -77,14 +78,15 @@ def _run_particles(program: StateSpace, key, n: int, proposal, particles=None, t
     if program.batched:
         fn, args = (program.init, (n,)) if particles is None else (program.step, (particles, t))
         return run_weighted(fn, key, *args, proposal=_bind(proposal, particles, t), batch_shape=(n,))
-    keys = jax.random.split(key, n)
+    # One shared key and a particle index: see ``ppl.program._seed`` for why not split keys.
+    indices = jnp.arange(n, dtype=jnp.uint32)
     if particles is None:
-        return jax.vmap(lambda k: run_weighted(program.init, k, proposal=_bind(proposal, None, None)))(keys)
+        return jax.vmap(lambda i: run_weighted(program.init, key, proposal=_bind(proposal, None, None), particle=i))(indices)
 
-    def one(particle_key, particle):
-        return run_weighted(program.step, particle_key, particle, t, proposal=_bind(proposal, particle, t))
+    def one(index, particle):
+        return run_weighted(program.step, key, particle, t, proposal=_bind(proposal, particle, t), particle=index)
 
-    return jax.vmap(one)(keys, particles)
+    return jax.vmap(one)(indices, particles)
 
 
 def _done(program: StateSpace, particles: Any) -> Bool[Array, " N"]:
@@ -100,7 +102,9 @@ def init(
     """Draw ``n_particles`` initial states from ``program.init`` and weight them."""
     particles, log_weights, log_q_score = _run_particles(program, key, n_particles, proposal)
     log_weights, nan_weights = _clean(log_weights, jnp.ones(n_particles, bool))
-    return SMCState(particles, log_weights, jnp.zeros(()), log_q_score, nan_weights)
+    return SMCState(
+        particles, log_weights, jnp.zeros(()), log_q_score, nan_weights, effective_sample_size(log_weights)
+    )
 
 
 def step(
@@ -116,9 +120,8 @@ def step(
     """Resample if the ESS is low, then advance every unfinished particle by ``step(., t)``."""
     n = state.log_weights.shape[0]
     resample_key, step_key = jax.random.split(key)
-    ess_before = effective_sample_size(state.log_weights)
     alive = jnp.any(jnp.isfinite(state.log_weights))
-    resampled = alive & ((ess_threshold >= 1.0) | (ess_before < ess_threshold * n))
+    resampled = alive & ((ess_threshold >= 1.0) | (state.ess < ess_threshold * n))
 
     def resample(state: SMCState):
         ancestors = resampler(resample_key, state.log_weights, n)
@@ -128,6 +131,7 @@ def step(
             log_z_prefix=state.log_z_prefix + jax.nn.logsumexp(state.log_weights) - math.log(n),
             log_q_score=state.log_q_score[ancestors],
             nan_weights=state.nan_weights,
+            ess=jnp.full((), n, jnp.float32),
         )
 
     # cond, not select: the gather touches every state leaf (a KV cache, for an LM).
@@ -137,14 +141,16 @@ def step(
     stepped, increments, log_q = _run_particles(program, step_key, n, proposal, state.particles, t)
     increments, nan_now = _clean(increments, active)
     log_weights = state.log_weights + increments
+    ess = effective_sample_size(log_weights)
     state = SMCState(
         particles=program.select(active, stepped, state.particles),
         log_weights=log_weights,
         log_z_prefix=state.log_z_prefix,
         log_q_score=state.log_q_score + jnp.where(active, log_q, 0.0),
         nan_weights=state.nan_weights | nan_now,
+        ess=ess,
     )
-    return state, SMCInfo(effective_sample_size(log_weights), ancestors, resampled)
+    return state, SMCInfo(ess, ancestors, resampled)
 
 
 def _validate(n_particles: int, ess_threshold: Any, program: StateSpace) -> None:
