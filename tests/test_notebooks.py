@@ -39,7 +39,14 @@ class _ThisInterpreterSpecs(KernelSpecManager):
         )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# Notebooks that load the real SmolLM2 take minutes on 2 cores: CI runs them in its slow step.
+_RUNS = [
+    pytest.param(path, id=path.name, marks=[pytest.mark.slow] if not path.name.startswith("01_") else [])
+    for path in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", _RUNS)
 def test_notebook_runs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The kernel inherits this process's environment: no GUI backend, and no GPU preallocation
     # surprises if a notebook is run on a machine that has one.
