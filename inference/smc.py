@@ -120,7 +120,7 @@ def step(
     """Resample if the ESS is low, then advance every unfinished particle by ``step(., t)``."""
     n = state.log_weights.shape[0]
     resample_key, step_key = jax.random.split(key)
-    alive = jnp.any(jnp.isfinite(state.log_weights))
+    alive = state.ess > 0  # zero exactly when every weight is zero
     resampled = alive & ((ess_threshold >= 1.0) | (state.ess < ess_threshold * n))
 
     def resample(state: SMCState):
@@ -179,9 +179,7 @@ def _smc(program, key, n_particles, resampler, ess_threshold, proposal, progress
 
     def advance(carry, t):
         n_steps, state = carry
-        running = ~jnp.all(_done(program, state.particles)) & jnp.any(
-            jnp.isfinite(state.log_weights)
-        )
+        running = ~jnp.all(_done(program, state.particles)) & (state.ess > 0)
 
         def run(state):
             state, info = step(
