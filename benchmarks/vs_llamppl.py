@@ -35,12 +35,12 @@ done, so they may run fewer than T steps; ``smc_over_sampling`` compares time pe
 (SMC wall / n_steps over sampling wall / T), medians over seeds. Wall times include the prompt
 prefill on both sides. The runs of the systems alternate, so all see the same machine load.
 
-Threads: both systems get the same number, ``--threads`` (default 1: PyTorch
-``set_num_threads(1)``, XLA ``--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1``). On a small machine shared with other jobs, one thread is
-faster for both: a 2-thread pool stalls whenever one of its threads is descheduled (measured
-on a loaded 2-core VM: PyTorch linear layers ~5× slower with 2 threads, XLA decode ~1.7×
-slower at batch 8). Use ``--threads 2`` on an idle machine.
+CPUs: both systems get the same ones. ``--threads K`` (default 1) pins the whole process to
+K cores (``sched_setaffinity``, inherited by every PyTorch and XLA thread) and sets PyTorch's
+``set_num_threads(K)`` (with K = 1 also XLA's ``--xla_cpu_multi_thread_eigen=false``). On a
+small machine shared with other jobs one core each is the fair and the steadier setting: a
+2-thread pool stalls whenever one of its threads is descheduled (on a loaded 2-core VM PyTorch
+linear layers ran ~5× slower with 2 threads than with 1). Use ``--threads 2`` on an idle one.
 
     python benchmarks/vs_llamppl.py [--quick] [--seeds 5] [--ppl-seeds 20] [--profile] [--threads 1]
 
@@ -80,9 +80,12 @@ def _threads_from_argv(argv: list[str]) -> int:
 
 
 THREADS = _threads_from_argv(sys.argv)
-if __name__ == "__main__" and THREADS == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+if __name__ == "__main__":
+    # Pin the process (every thread PyTorch and XLA start later inherits it) to THREADS cores, so
+    # both systems get exactly the same CPUs; XLA's own flags do not stop its intra-op pool.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
+    if THREADS == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402  (after XLA_FLAGS)
@@ -260,7 +263,7 @@ def machine_line() -> str:
     load = os.getloadavg()
     return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; jax {jax.__version__}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), XLA {'1 thread' if THREADS == 1 else 'all cores'}, "
+            f"({torch.get_num_threads()} threads); process pinned to CPUs {sorted(os.sched_getaffinity(0))}; "
             f"transformers {transformers.__version__}, llamppl {importlib.metadata.version('llamppl')}")
 
 
@@ -372,7 +375,7 @@ def main() -> None:
     parser.add_argument("--ppl-seeds", type=int, default=None, help="ppl runs per N (default 4 × seeds)")
     parser.add_argument("--profile", action="store_true", help="also time ppl SMC variants at N = 64")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for PyTorch and for XLA: 1 (default) or more (XLA then uses all cores)")
+                        help="cores the process is pinned to, and PyTorch's thread count (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (2 if args.quick else 5)
