@@ -26,7 +26,7 @@ weight by the allowed mass ``sum_{v allowed} p_LM(v | x_<t)``.
   new key does not recompile; this is checked), timed after a warm-up with
   ``block_until_ready``; the prompt prefill is inside it. Also timed: plain batched sampling
   of N sequences by the same model, a ``lax.scan`` of exactly T ``lm.decode`` steps and
-  ``jax.random.categorical`` after one prefill broadcast to N rows.
+  ``ppl.distributions.sample_logits`` (the sampler ``Generation`` uses) after one prefill broadcast to N rows.
 
 Throughput: ``tok/s = N × (decode steps run) / wall seconds`` for every system, where a
 decode step is one batched LM call for all particles (the steps of ``smc_standard``'s loop,
@@ -66,7 +66,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
 
 def _threads_from_argv(argv: list[str]) -> int:
@@ -87,7 +86,6 @@ if __name__ == "__main__":
     if THREADS == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
-import equinox as eqx  # noqa: E402
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -98,6 +96,7 @@ from _hf_twin import hf_model  # noqa: E402  (benchmarks/ is on sys.path when th
 
 import llamppl  # noqa: E402
 import ppl  # noqa: E402
+from ppl.distributions import sample_logits  # noqa: E402
 from ppl.inference import smc  # noqa: E402
 from ppl.models import load_gguf, smollm2_path  # noqa: E402
 from ppl.models.constraints import lipogram  # noqa: E402
@@ -166,7 +165,7 @@ def sample_batch(lm, prompt: jax.Array, key: jax.Array, n: int, steps: int) -> j
     def step(carry, step_key):
         cache, last = carry
         logits, cache = lm.decode(cache, last)
-        token = jax.random.categorical(step_key, logits).astype(jnp.int32)
+        token = sample_logits(step_key, logits)
         return (cache, token), token
 
     first = jnp.full((n,), prompt[-1], jnp.int32)
@@ -267,44 +266,6 @@ def machine_line() -> str:
             f"transformers {transformers.__version__}, llamppl {importlib.metadata.version('llamppl')}")
 
 
-class RowMajorReindex(eqx.Module):
-    """``lm`` with the resampling gather of its KV cache written on a 3-D view (a prototype fix).
-
-    ``KVCache.reindex`` gathers the ``[layers, N, max_len, kv_heads, head_dim]`` buffers along
-    axis 1 with one ``jnp.take``; XLA:CPU gives that gather a particle-major layout
-    (``{4,3,2,0,1}``), and since the ``lax.cond`` around resampling must return one layout from
-    both branches, every SMC step, resampling or not, copies the whole K and V caches into that
-    layout (in the no-resampling branch) and back for the decode: four full-cache transposing
-    copies per step. Gathering ``[layers, N, max_len·kv_heads·head_dim]`` along axis 1 instead
-    is fused into one row-major loop per buffer that runs only when resampling happens.
-    """
-
-    lm: Any
-
-    @property
-    def vocab_size(self) -> int:
-        return self.lm.vocab_size
-
-    def init_cache(self, batch, max_len):
-        return self.lm.init_cache(batch, max_len)
-
-    def prefill(self, tokens, max_len):
-        return self.lm.prefill(tokens, max_len)
-
-    def broadcast(self, cache, batch):
-        return self.lm.broadcast(cache, batch)
-
-    def decode(self, cache, tokens, active=None):
-        return self.lm.decode(cache, tokens, active)
-
-    def reindex(self, cache, ancestors):
-        def gather(buffer):
-            rows = jnp.take(buffer.reshape(buffer.shape[0], buffer.shape[1], -1), ancestors, axis=1)
-            return rows.reshape(buffer.shape)
-
-        return type(cache)(gather(cache.keys), gather(cache.values), jnp.take(cache.lengths, ancestors, axis=0))
-
-
 def full_cache_copies(program: ppl.Generation, n: int) -> int:
     """How many whole-KV-cache copies (``copy`` ops, bare or wrapped in a fusion) the compiled ``smc`` holds."""
     compiled = jax.jit(lambda p, k: smc(p, k, n, resampling="systematic")).lower(program, jax.random.key(0)).compile()
@@ -328,9 +289,6 @@ def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> No
         "SMC lipogram, never resample (ess 0)": ("lipogram", 0.0),
         "SMC lipogram, resample every step (ess 1)": ("lipogram", 1.0),
         "SMC no constraint, prior proposal, ess 0.5": ("free", 0.5),
-        "fix (3-D reindex), lipogram, ess 0.5": ("fixed", 0.5),
-        "fix (3-D reindex), lipogram, ess 0": ("fixed", 0.0),
-        "fix (3-D reindex), lipogram, ess 1": ("fixed", 1.0),
     }
     def lipogram_program(model):
         return ppl.Generation(model, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint,
@@ -339,7 +297,6 @@ def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> No
     programs = {
         "lipogram": lipogram_program(lm),
         "free": ppl.Generation(lm, prompt, NEW_TOKENS, tok.eos_token_id),
-        "fixed": lipogram_program(RowMajorReindex(lm)),
     }
     print(f"\nprofile, N = {n}: ppl SMC variants against plain sampling")
     for name, program in programs.items():
@@ -361,11 +318,6 @@ def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> No
         print(f"  {name:<45} wall {ms:6.1f} ms ×{ms / base:.3f}   CPU {cpu_ms:6.1f} ms ×{cpu_ms / base_cpu:.3f}   "
               f"(min wall ×{min(r.seconds / r.steps for r in rs) / min(r.seconds / r.steps for r in base_runs):.3f}; "
               f"steps {statistics.median(r.steps for r in rs):.0f}, resamplings {statistics.median(r.resamples for r in rs):.0f})")
-    same = all(a.log_z == b.log_z and a.best_text == b.best_text
-               for before, after in (("SMC lipogram, ESS < 0.5 N (the benchmark)", "fix (3-D reindex), lipogram, ess 0.5"),
-                                     ("SMC lipogram, resample every step (ess 1)", "fix (3-D reindex), lipogram, ess 1"))
-               for a, b in zip(runs[before], runs[after]))
-    print(f"  the fix gives the same log Ẑ and best particle as the current reindex, seed for seed: {same}")
 
 
 def main() -> None:

@@ -139,11 +139,15 @@ class KVCache(eqx.Module):
 
     def reindex(self, ancestors: Int[Array, " batch"]) -> KVCache:
         """Row ``i`` of the result is row ``ancestors[i]`` (the gather of SMC resampling)."""
-        return KVCache(
-            jnp.take(self.keys, ancestors, axis=1),
-            jnp.take(self.values, ancestors, axis=1),
-            jnp.take(self.lengths, ancestors, axis=0),
-        )
+
+        # Gathered on a 3-D view: a 5-D gather along axis 1 gets a particle-major layout on
+        # XLA:CPU, and a ``lax.cond`` around resampling then transposes the whole cache into
+        # that layout and back on every step, resampling or not.
+        def gather(buffer: Array) -> Array:
+            rows = jnp.take(buffer.reshape(buffer.shape[0], buffer.shape[1], -1), ancestors, axis=1)
+            return rows.reshape(buffer.shape)
+
+        return KVCache(gather(self.keys), gather(self.values), jnp.take(self.lengths, ancestors, axis=0))
 
 
 class LayerStack(eqx.Module):

@@ -24,7 +24,53 @@ from numpyro.distributions import constraints
 from ppl.lm import LM, Cache
 
 
-class NextToken(dist.CategoricalLogits):
+def sample_logits(key: jax.Array, logits: Float[Array, "*B V"], block: int = 256) -> Int[Array, "*B"]:
+    """One exact draw from ``softmax(logits)`` per row, by inverse CDF in two levels.
+
+    ``jax.random.categorical`` adds Gumbel noise to every logit: for a batch of 64 rows over a
+    49k vocabulary that is 3M random numbers a step, about a quarter of a CPU decode step.
+    Here each row takes one uniform: it picks a block of ``block`` tokens by the blocks'
+    cumulative mass, then a token inside it by the block's own cumulative mass. Two short
+    float32 prefix sums keep the rounding error near float32's epsilon relative to the mass
+    summed, far below what any sample size can detect; a zero-probability token (logit
+    ``-inf``) is never drawn. A row with no finite logit returns token 0.
+    """
+    vocab = logits.shape[-1]
+    batch = logits.shape[:-1]
+    n_blocks = -(-vocab // block)
+    padded = jnp.pad(logits, [(0, 0)] * len(batch) + [(0, n_blocks * block - vocab)], constant_values=-jnp.inf)
+    top = jnp.max(padded, axis=-1, keepdims=True)
+    mass = jnp.exp(padded - jnp.where(jnp.isfinite(top), top, 0.0)).reshape(batch + (n_blocks, block))
+
+    def invert(masses: Float[Array, "*B K"], target: Float[Array, "*B"]) -> tuple[Int[Array, "*B"], Float[Array, "*B"]]:
+        """The first index whose cumulative mass exceeds ``target`` (rounding can push the
+        target past the total: the last index with mass then takes it), and the target's
+        remainder inside that index's mass."""
+        cumulative = jnp.cumsum(masses, axis=-1)
+        index = jnp.sum(cumulative <= target[..., None], axis=-1)
+        last_positive = masses.shape[-1] - 1 - jnp.argmax(jnp.flip(masses > 0, axis=-1), axis=-1)
+        index = jnp.minimum(index, last_positive)
+        below = jnp.take_along_axis(cumulative - masses, index[..., None], axis=-1)[..., 0]
+        return index, target - below
+
+    block_mass = jnp.sum(mass, axis=-1)
+    target = jax.random.uniform(key, batch) * jnp.sum(block_mass, axis=-1)
+    chosen, target = invert(block_mass, target)
+    inside = jnp.take_along_axis(mass, chosen[..., None, None], axis=-2)[..., 0, :]
+    offset, _ = invert(inside, target)
+    return jnp.where(jnp.isfinite(top[..., 0]), chosen * block + offset, 0).astype(jnp.int32)
+
+
+class Categorical(dist.CategoricalLogits):
+    """NumPyro's ``CategoricalLogits`` drawing with :func:`sample_logits` (the same
+    distribution, one uniform per row instead of Gumbel noise on every category)."""
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> Int[Array, "..."]:
+        logits = jnp.broadcast_to(self.logits, sample_shape + self.logits.shape)
+        return sample_logits(key, logits)
+
+
+class NextToken(Categorical):
     """``p_LM(next token | each row's history)``: a categorical over the vocabulary, batch ``[B]``.
 
     Args:
@@ -98,7 +144,7 @@ class LanguageModel(dist.Distribution):
             step_key, forced_token = inputs
             logits, cache = self.lm.decode(cache, last[None])
             log_probs = jax.nn.log_softmax(logits[0])
-            token = forced_token if forced is not None else jax.random.categorical(step_key, log_probs)
+            token = forced_token if forced is not None else sample_logits(step_key, log_probs)
             token = jnp.where(ended, self.eos_token_id, token)
             score = jnp.where(ended, 0.0, log_probs[token])
             return (cache, token, ended | (token == self.eos_token_id)), (token, score)

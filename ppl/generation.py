@@ -45,10 +45,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro
-import numpyro.distributions as dist
 from jaxtyping import Array, Bool, Float, Int
 
-from ppl.distributions import NextToken, _prompt_cache, check_prompt
+from ppl.distributions import Categorical, NextToken, _prompt_cache, check_prompt, sample_logits
 from ppl.lm import LM, Cache, TokenConstraint
 from ppl.program import StateSpace
 from ppl.rewards import incremental
@@ -238,7 +237,7 @@ class Generation(StateSpace):
             proposal_logits = proposal_logits + log_twist
         if allowed is not None and self.proposal == "locally_optimal":
             proposal_logits = _masked_logits(proposal_logits, allowed)
-        infer = {} if proposal_logits is next_token.logits else {"proposal": dist.CategoricalLogits(proposal_logits)}
+        infer = {} if proposal_logits is next_token.logits else {"proposal": Categorical(proposal_logits)}
         token = numpyro.sample("token", next_token, infer=infer)
         if allowed is not None:
             numpyro.factor("constraint", jnp.where(allowed[rows, token], 0.0, -jnp.inf))
@@ -262,10 +261,10 @@ class Generation(StateSpace):
             log_increment = jnp.zeros_like(log_weights)
             if allowed is not None and self.proposal == "locally_optimal":
                 masked = _masked_logits(logits, allowed)
-                token = jax.random.categorical(sample_key, masked)
+                token = sample_logits(sample_key, masked)
                 log_increment = jax.nn.logsumexp(masked, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
             else:
-                token = jax.random.categorical(sample_key, logits)
+                token = sample_logits(sample_key, logits)
             if allowed is not None:
                 log_increment += jnp.where(allowed[jnp.arange(token.shape[0]), token], 0.0, -jnp.inf)
             state = self.append(state, token, cache, in_chunk)
