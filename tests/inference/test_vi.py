@@ -35,7 +35,7 @@ def test_iwae_is_a_lower_bound_that_tightens_with_k(hmm):
     guide = TableGuide(jnp.zeros((hmm.n_steps, 3, 3)))
     log_z = float(hmm.log_z())
     program = hmm.program()
-    bounds = []
+    bounds, standard_errors = [], []
     for k in (1, 4, 16, 64):
         draws = jax.jit(jax.vmap(lambda key: iwae(program, guide, key, k, n_samples=1)))(
             jax.random.split(jax.random.key(k), 4000)
@@ -43,20 +43,25 @@ def test_iwae_is_a_lower_bound_that_tightens_with_k(hmm):
         mean, standard_error = float(draws.mean()), float(draws.std() / np.sqrt(4000))
         assert mean + 3 * standard_error < log_z, (k, mean, standard_error, log_z)
         bounds.append(mean)
+        standard_errors.append(standard_error)
     print(f"log Z = {log_z:.4f}; IWAE(K=1,4,16,64) = {[round(b, 4) for b in bounds]}")
     assert all(b > a for a, b in zip(bounds, bounds[1:])), bounds
-    np.testing.assert_allclose(elbo(program, guide, jax.random.key(0), 4000), bounds[0], atol=0.1)
+    # ELBO = IWAE(K=1): two independent 4000-draw estimates of E[log w] agree within 4 SE of
+    # their difference (sqrt(2) times the SE of one).
+    difference = float(elbo(program, guide, jax.random.key(0), 4000)) - bounds[0]
+    assert abs(difference) < 4 * np.sqrt(2) * standard_errors[0], (difference, standard_errors[0])
 
 
 def test_trained_guide_closes_the_elbo_gap(hmm):
-    """Score-function ELBO gradients with a leave-one-out baseline, Adam, 600 steps of 32
+    """Score-function ELBO gradients with a leave-one-out baseline, Adam (learning rate 0.1
+    cosine-decayed to 0, so the gradient noise does not set the final gap), 600 steps of 32
     samples: the final ELBO (10,000 fresh draws) is within 0.05 nats of log Z — the gap is
     KL(q || posterior), which this guide family can drive to 0 — and far above the
     untrained one."""
     program = hmm.program()
     guide = TableGuide(jnp.zeros((hmm.n_steps, 3, 3)))
     objective = lambda g, key: elbo(program, g, key, n_samples=32)  # noqa: E731
-    trained, trace = jax.jit(lambda g, key: fit(objective, g, optax.adam(0.1), key, 600))(guide, jax.random.key(0))
+    trained, trace = jax.jit(lambda g, key: fit(objective, g, optax.adam(optax.cosine_decay_schedule(0.1, 600)), key, 600))(guide, jax.random.key(0))
     log_z = float(hmm.log_z())
     before = float(elbo(program, guide, jax.random.key(1), 10_000))
     after = float(elbo(program, trained, jax.random.key(1), 10_000))
