@@ -10,8 +10,7 @@ with grouped-query attention (``kv_heads`` divides ``heads``; each key/value hea
 dimension ``i`` is rotated together with dimension ``i + head_dim/2``.
 
 Layer weights are *stacked* along a leading layer axis and the layers run inside one
-``lax.scan``, so compile time does not grow with depth (``Llama.unstacked()`` trades that
-for speed: separate per-layer arrays, unrolled). Matrices are stored ``[out, in]`` as
+``lax.scan``, so compile time does not grow with depth. Matrices are stored ``[out, in]`` as
 in PyTorch (XLA:CPU's small-batch matmuls are fastest with that layout); q/k/v are fused into
 one ``[(heads + 2 kv_heads) * head_dim, d]`` matrix and gate/up into one ``[2 * ffn, d]``
 matrix so a decode step issues few, large matmuls.
@@ -171,7 +170,7 @@ class Llama(eqx.Module):
 
     config: LlamaConfig = eqx.field(static=True)
     embed: Float[Array, "V d"]
-    layers: LayerStack | tuple[LayerStack, ...]  # a tuple: one per layer, see ``unstacked``
+    layers: LayerStack
     final_norm: Float[Array, " d"]
     lm_head: Float[Array, "V d"] | None  # None: tied to ``embed``
     rope_inv_freq: Float[Array, " half_head_dim"]
@@ -256,28 +255,10 @@ class Llama(eqx.Module):
             return (x, keys, values), None
 
         x = jnp.take(self.embed, tokens, axis=0)
-        if isinstance(self.layers, tuple):
-            keys, values = cache.keys, cache.values
-            for index, w in enumerate(self.layers):
-                x, keys, values = _decoder_layer(c, w, index, x, keys, values, rope, visible, write)
-        else:
-            (x, keys, values), _ = jax.lax.scan(
-                layer, (x, cache.keys, cache.values), (jnp.arange(c.num_layers), self.layers)
-            )
+        (x, keys, values), _ = jax.lax.scan(
+            layer, (x, cache.keys, cache.values), (jnp.arange(c.num_layers), self.layers)
+        )
         return x, KVCache(keys, values, cache.lengths + steps)
-
-    def unstacked(self) -> Llama:
-        """The same model with its layers' weights as separate arrays, run unrolled.
-
-        Under the layer ``scan`` XLA:CPU copies each layer's weights out of the stacked arrays
-        before multiplying (the whole model, every decode step: ~70 ms per step for
-        SmolLM2-135M on one core, whatever the batch). Unrolled over separate arrays there is
-        no copy, at the price of compile time growing with depth (~5 s more for 30 layers):
-        worth it for long generation runs, not for short interactive ones."""
-        if isinstance(self.layers, tuple):
-            return self
-        layers = tuple(jax.tree.map(lambda a: a[i], self.layers) for i in range(self.config.num_layers))
-        return eqx.tree_at(lambda model: model.layers, self, layers)
 
     # -- construction ---------------------------------------------------------------------
 

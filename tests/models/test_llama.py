@@ -182,17 +182,3 @@ def test_layers_are_scanned_not_unrolled(tiny_pair):
         sizes.append(len(jax.make_jaxpr(m.decode)(cache, jnp.zeros(2, jnp.int32)).jaxpr.eqns))
     assert sizes[0] == sizes[1]
 
-
-def test_unstacked_layers_compute_the_same_model(tiny_pair):
-    """``Llama.unstacked()`` (per-layer arrays, unrolled) equals the scanned stack."""
-    model, _, _ = tiny_pair
-    unstacked = model.unstacked()
-    assert isinstance(unstacked.layers, tuple) and len(unstacked.layers) == model.config.num_layers
-    assert unstacked.unstacked() is unstacked
-    prompt = jnp.asarray([3, 1, 4, 1, 5])
-    (logits, cache), (logits_u, cache_u) = model.prefill(prompt, 9), unstacked.prefill(prompt, 9)
-    cache, cache_u = model.broadcast(cache, 3), unstacked.broadcast(cache_u, 3)
-    tokens = jnp.asarray([2, 7, 1], jnp.int32)
-    (step, cache), (step_u, cache_u) = model.decode(cache, tokens), unstacked.decode(cache_u, tokens)
-    for a, b in ((logits, logits_u), (step, step_u), (cache.keys, cache_u.keys), (cache.values, cache_u.values)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
