@@ -7,7 +7,9 @@
   ``log_prob`` the teacher-forced sum ``sum_t log p_LM(x_t | c, x_{<t})``, so an LM can sit
   inside an ordinary NumPyro model beside continuous latents.
 
-Both work with any model following :class:`ppl.lm.LM`.
+Both work with any model following :class:`ppl.lm.LM`. Tokens are drawn by
+:func:`sample_logits` (exact inverse CDF, one uniform per row), which
+:class:`Categorical` — NumPyro's ``CategoricalLogits`` otherwise — and ``NextToken`` use.
 """
 
 from __future__ import annotations
