@@ -125,7 +125,7 @@ def test_evidence_is_unbiased_on_a_tiny_transformer(setup, proposal, step):
     alive = np.isfinite(np.asarray(results.log_weights))
     tokens, lengths = np.asarray(results.particles.tokens), np.asarray(results.particles.length)
     assert np.all(np.asarray(results.particles.ended_with_eos)[alive])
-    for row, length in zip(tokens[alive][:500], lengths[alive][:500]):
+    for row, length in zip(tokens[alive], lengths[alive]):
         assert tuple(row[:length]) in log_gamma
 
 
