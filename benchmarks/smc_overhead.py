@@ -45,19 +45,10 @@ import sys
 import time
 from typing import Callable
 
-
-def _configure_single_core() -> None:
-    """Pin this process to one core and make XLA:CPU single-threaded.
-
-    Must run before jax is imported: XLA reads ``XLA_FLAGS`` once, when the backend starts.
-    """
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
-
+import _cpus  # benchmarks/ is on sys.path when this script runs
 
 if "--single-core" in sys.argv[1:]:
-    _configure_single_core()
+    _cpus.pin(1)
 
 import jax  # noqa: E402  (after the optional single-core configuration)
 import jax.numpy as jnp  # noqa: E402

@@ -67,6 +67,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import _cpus  # benchmarks/ is on sys.path when this script runs
+
 
 def _threads_from_argv(argv: list[str]) -> int:
     """``--threads`` must act before jax is imported (XLA reads its flags once, at start-up)."""
@@ -80,11 +82,7 @@ def _threads_from_argv(argv: list[str]) -> int:
 
 THREADS = _threads_from_argv(sys.argv)
 if __name__ == "__main__":
-    # Pin the process (every thread PyTorch and XLA start later inherits it) to THREADS cores, so
-    # both systems get exactly the same CPUs; XLA's own flags do not stop its intra-op pool.
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:THREADS])
-    if THREADS == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    _cpus.pin(THREADS)  # both systems on the same THREADS cores
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402

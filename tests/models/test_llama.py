@@ -181,4 +181,3 @@ def test_layers_are_scanned_not_unrolled(tiny_pair):
         cache = m.broadcast(m.prefill(jnp.arange(3), 8)[1], 2)
         sizes.append(len(jax.make_jaxpr(m.decode)(cache, jnp.zeros(2, jnp.int32)).jaxpr.eqns))
     assert sizes[0] == sizes[1]
-
