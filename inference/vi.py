@@ -27,7 +27,8 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ppl.program import StateSpace
-from ppl.inference.smc import StepProposal, importance
+from ppl.inference.particles import StepProposal
+from ppl.inference.sequential import importance
 
 Objective = Callable[[StepProposal, PRNGKeyArray], Float[Array, ""]]
 

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ppl.lm import ParticleCache
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -107,12 +109,14 @@ def _llama3_scaled(
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
-class KVCache(eqx.Module):
+class KVCache(ParticleCache):
     """Keys and values of every layer for ``batch`` rows, and how many positions each row holds.
 
     ``keys[l, b, s]`` / ``values[l, b, s]`` are layer ``l``'s rotated key / value heads of row
     ``b`` at position ``s``; only ``s < lengths[b]`` are meaningful (the rest is stale or zero
-    and masked out of attention). Rows may hold different lengths.
+    and masked out of attention). Rows may hold different lengths. The particle axis is the
+    second (``batch``): as a :class:`ppl.lm.ParticleCache` the cache gathers, freezes and
+    rolls back its own rows, and only ``lengths`` ever needs to move for the last two.
     """
 
     keys: Float[Array, "layers batch max_len kv_heads head_dim"]
@@ -148,6 +152,26 @@ class KVCache(eqx.Module):
             return rows.reshape(buffer.shape)
 
         return KVCache(gather(self.keys), gather(self.values), jnp.take(self.lengths, ancestors, axis=0))
+
+    def select(self, active: Bool[Array, " batch"], previous: KVCache) -> KVCache:
+        """This (stepped) cache with the inactive rows' lengths put back: what a step wrote
+        past an inactive row's length is masked out and overwritten later, so no buffer moves."""
+        return KVCache(self.keys, self.values, jnp.where(active, self.lengths, previous.lengths))
+
+    def where(self, mask: Bool[Array, " batch"], other: KVCache) -> KVCache:
+        rows = mask[None, :, None, None, None]
+        return KVCache(
+            jnp.where(rows, self.keys, other.keys),
+            jnp.where(rows, self.values, other.values),
+            jnp.where(mask, self.lengths, other.lengths),
+        )
+
+    def checkpoint(self) -> Int[Array, " batch"]:
+        return self.lengths
+
+    def restore(self, checkpoint: Int[Array, " batch"]) -> KVCache:
+        """The cache rolled back to ``checkpoint`` lengths (positions past them become stale)."""
+        return KVCache(self.keys, self.values, checkpoint)
 
 
 class LayerStack(eqx.Module):

@@ -16,6 +16,8 @@ whose target is the same joint, so any estimate of ``log Z`` can be checked agai
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -211,6 +213,7 @@ class HMMProgram(ppl.StateSpace):
 
     hmm: CategoricalHMM
     optimal_proposal: bool = eqx.field(static=True, default=False)
+    markov: ClassVar[bool] = True  # step t reads only x_t (the path is bookkeeping)
 
     @property
     def max_steps(self) -> int:

@@ -88,11 +88,17 @@ class NextToken(Categorical):
         super().__init__(logits=logits)
 
 
-def _prompt_cache(lm: LM, prompt: Int[Array, " P"], max_len: int) -> Cache:
-    """A batch-1 cache holding all of ``prompt`` but its last token."""
-    if prompt.shape[0] == 1:
-        return lm.init_cache(1, max_len)
-    return lm.prefill(prompt[:-1], max_len)[1]
+def prompt_cache(lm: LM, prompt: Int[Array, " P"], max_len: int, n_particles: int | None = None) -> Cache:
+    """A cache holding all of ``prompt`` but its last token, prefilled once.
+
+    The last token is what the first :class:`NextToken` feeds (``last_tokens``), so a
+    program's ``init`` is typically ``cache = prompt_cache(lm, prompt, max_len, n)`` with
+    ``last = prompt[-1]`` for every particle. With ``n_particles`` the batch-1 cache is
+    broadcast to that many rows (the prompt is computed once and shared).
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    cache = lm.init_cache(1, max_len) if prompt.shape[0] == 1 else lm.prefill(prompt[:-1], max_len)[1]
+    return cache if n_particles is None else lm.broadcast(cache, n_particles)
 
 
 def check_prompt(prompt: Any, max_new_tokens: int, max_len: int | None = None) -> int:
@@ -120,16 +126,37 @@ class LanguageModel(dist.Distribution):
     ``eos_token_id`` too and is not scored. Without an EOS in the first ``max_new_tokens``
     the continuation is cut there, so this is the distribution of the first ``T`` tokens of
     the LM's output — it sums to one over ``[T]`` arrays in that canonical form.
-    ``log_prob(x) = sum_{t <= first EOS} log p_LM(x_t | prompt, x_{<t})`` (teacher forcing).
+    ``log_prob(x) = sum_{t <= first EOS} log p_LM^tau(x_t | prompt, x_{<t})`` (teacher
+    forcing), where ``p_LM^tau = softmax(logits / temperature)`` is the tempered next-token
+    distribution (``temperature = 1``: the LM itself; ``-> 0``: greedy decoding).
+
+    ``temperature`` is a pytree data field, like the prompt and the weights: it may be a
+    traced scalar, so a NumPyro model can put a prior on it and NUTS can differentiate
+    ``log_prob`` with respect to it.
     """
 
     arg_constraints: dict = {}
-    pytree_data_fields = ("lm", "prompt")
+    pytree_data_fields = ("lm", "prompt", "temperature")
     pytree_aux_fields = ("max_new_tokens", "eos_token_id", "max_len")
 
-    def __init__(self, lm: LM, prompt: Int[Array, " P"], max_new_tokens: int, eos_token_id: int, *, validate_args=None):
+    def __init__(
+        self,
+        lm: LM,
+        prompt: Int[Array, " P"],
+        max_new_tokens: int,
+        eos_token_id: int,
+        *,
+        temperature: float | Float[Array, ""] = 1.0,
+        validate_args=None,
+    ):
         self.max_len = check_prompt(prompt, max_new_tokens)
+        if jnp.ndim(temperature) != 0:
+            raise ValueError(f"temperature must be a scalar, got shape {jnp.shape(temperature)}")
+        # A traced temperature (under NUTS, jit or grad) is checked by whoever chose its value.
+        if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
+            raise ValueError(f"temperature must be positive, got {float(temperature)}")
         self.lm, self.prompt = lm, jnp.asarray(prompt, jnp.int32)
+        self.temperature = jnp.asarray(temperature, jnp.result_type(float))
         self.max_new_tokens, self.eos_token_id = max_new_tokens, eos_token_id
         super().__init__(batch_shape=(), event_shape=(max_new_tokens,), validate_args=validate_args)
 
@@ -139,22 +166,23 @@ class LanguageModel(dist.Distribution):
 
     def _run(self, key: jax.Array | None, forced: Int[Array, " T"] | None):
         """Step through the continuation; sample it (``key``) or score ``forced``."""
-        cache = _prompt_cache(self.lm, self.prompt, self.max_len)
+        cache = prompt_cache(self.lm, self.prompt, self.max_len)
 
         def one(carry, inputs):
             cache, last, ended = carry
             step_key, forced_token = inputs
             logits, cache = self.lm.decode(cache, last[None])
-            log_probs = jax.nn.log_softmax(logits[0])
-            token = forced_token if forced is not None else sample_logits(step_key, log_probs)
+            log_probs = jax.nn.log_softmax(logits[0] / self.temperature)
+            token = sample_logits(step_key, log_probs) if forced is None else forced_token
             token = jnp.where(ended, self.eos_token_id, token)
             score = jnp.where(ended, 0.0, log_probs[token])
             return (cache, token, ended | (token == self.eos_token_id)), (token, score)
 
         keys = jax.random.split(key if key is not None else jax.random.key(0), self.max_new_tokens)
-        forced = forced if forced is not None else jnp.zeros(self.max_new_tokens, jnp.int32)
+        # A separate name: ``one`` reads ``forced`` when the scan traces it, after this line.
+        teacher = jnp.zeros(self.max_new_tokens, jnp.int32) if forced is None else forced
         start = (cache, self.prompt[-1], jnp.zeros((), bool))
-        _, (tokens, scores) = jax.lax.scan(one, start, (keys, forced))
+        _, (tokens, scores) = jax.lax.scan(one, start, (keys, teacher))
         return tokens, jnp.sum(scores)
 
     def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> Int[Array, "... T"]:

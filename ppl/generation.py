@@ -27,10 +27,13 @@ Proposals (the target never changes):
 Steps (the resampling points) are single tokens, or, with ``delimiter`` and
 ``step="chunk"``, chunks that end at a delimiter token (a line, a reasoning step, a word):
 every particle generates until its chunk ends while the finished ones wait (a barrier), then
-potentials are applied and SMC may resample. A chunk is drawn inside one ``while_loop`` by
-the same two proposals, its weight accumulated token by token; user proposals given to
-``smc(proposal=...)`` reach token-level steps only. ``max_chunks`` ends a sequence after
-that many delimiters, whatever the step.
+potentials are applied and SMC may resample. A chunk is one ``"chunk"`` sample site (its
+tokens, ``[N, max_new_tokens]``, see :class:`Chunk`) drawn inside one ``while_loop`` by the
+same two proposals, its weight accumulated token by token, so trajectories record it and
+conditional SMC can pin it; user proposals given to ``smc(proposal=...)`` reach token-level
+steps only. ``max_chunks`` ends a sequence after that many delimiters, whatever the step.
+
+Trajectories: the site ``"token"`` (``[N]`` per step) or ``"chunk"``; ``init`` draws nothing.
 
 ``require_eos=True`` restricts the target to sequences that end with EOS within the limit
 (the last slot may only hold EOS); without it a sequence cut at the limit is kept as is,
@@ -45,9 +48,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro
+import numpyro.distributions as dist
 from jaxtyping import Array, Bool, Float, Int
+from numpyro.distributions import constraints
 
-from ppl.distributions import Categorical, NextToken, _prompt_cache, check_prompt, sample_logits
+from ppl.distributions import Categorical, NextToken, check_prompt, prompt_cache, sample_logits
+from ppl.handlers import sample_with_intermediates
 from ppl.lm import LM, Cache, TokenConstraint
 from ppl.program import StateSpace
 from ppl.rewards import incremental
@@ -163,7 +169,7 @@ class Generation(StateSpace):
         self.chunked, self.max_chunks, self.twist = step == "chunk", max_chunks, twist
 
     def init(self, n_particles: int) -> TokenState:
-        cache = self.lm.broadcast(_prompt_cache(self.lm, self.prompt, self.max_len), n_particles)
+        cache = prompt_cache(self.lm, self.prompt, self.max_len, n_particles)
         initial = self.constraint.initial if self.constraint is not None else 0
         zeros = jnp.zeros(n_particles, jnp.int32)
         return TokenState(
@@ -210,9 +216,9 @@ class Generation(StateSpace):
             ended_with_eos=is_eos,
             n_chunks=n_chunks,
             constraint_state=constraint_state,
-            cache=None,
+            cache=cache,
         )
-        return super().select(active, appended, state._replace(cache=None))._replace(cache=cache)
+        return self.select(active, appended, state)
 
     def step(self, state: TokenState, t: Int[Array, ""]) -> TokenState:
         state = self._chunk_step(state) if self.chunked else self._token_step(state)
@@ -250,42 +256,87 @@ class Generation(StateSpace):
         return state
 
     def _chunk_step(self, state: TokenState) -> TokenState:
-        """Tokens until every particle's chunk has ended; the weight of the whole chunk
-        (``log p - log q`` and the constraint, token by token) enters as one factor."""
-
-        def body(carry):
-            state, in_chunk, log_weights, key = carry
-            key, sample_key = jax.random.split(key)
-            logits, cache = self.lm.decode(state.cache, state.last, in_chunk)
-            allowed = self.allowed(state)
-            log_increment = jnp.zeros_like(log_weights)
-            if allowed is not None and self.proposal == "locally_optimal":
-                masked = _masked_logits(logits, allowed)
-                token = sample_logits(sample_key, masked)
-                log_increment = jax.nn.logsumexp(masked, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
-            else:
-                token = sample_logits(sample_key, logits)
-            if allowed is not None:
-                log_increment += jnp.where(allowed[jnp.arange(token.shape[0]), token], 0.0, -jnp.inf)
-            state = self.append(state, token, cache, in_chunk)
-            log_weights += jnp.where(in_chunk, log_increment, 0.0)
-            in_chunk &= ~(self.delimiter[token] | state.finished)
-            return state, in_chunk, log_weights, key
-
-        start = (state, ~state.finished, jnp.zeros(state.length.shape[0]), numpyro.prng_key())
-        state, _, log_weights, _ = jax.lax.while_loop(lambda carry: jnp.any(carry[1]), body, start)
-        numpyro.factor("chunk", log_weights)
+        """Tokens until every particle's chunk has ended, drawn at one ``"chunk"`` site (see
+        :class:`Chunk`); ``log p - log q`` and the constraint of the whole chunk enter as one
+        factor, so that site plus factor score ``log p_LM(chunk) + log 1[allowed]``."""
+        chunk = Chunk(self, state)
+        value, drawn = sample_with_intermediates("chunk", chunk)
+        if not drawn:  # the value was given (substituted): decode it to get the new state
+            drawn = chunk.pin(value, True).sample_with_intermediates(numpyro.prng_key())[1]
+        state, log_p, log_q, log_constraint = drawn
+        numpyro.factor("chunk_weight", jnp.where(jnp.isneginf(log_constraint), -jnp.inf, log_p - log_q))
         return state
 
     def done(self, state: TokenState) -> Bool[Array, " N"]:
         return state.finished
 
-    def reindex(self, particles: TokenState, ancestors: Int[Array, " N"]) -> TokenState:
-        gathered = super().reindex(particles._replace(cache=None), ancestors)
-        return gathered._replace(cache=self.lm.reindex(particles.cache, ancestors))
 
-    def select(self, active: Bool[Array, " N"], stepped: TokenState, previous: TokenState) -> TokenState:
-        # Inactive rows were decoded with ``active=False``: their cache holds the same sequence,
-        # so the stepped cache serves every row without a copy.
-        kept = super().select(active, stepped._replace(cache=None), previous._replace(cache=None))
-        return kept._replace(cache=stepped.cache)
+class Chunk(dist.Distribution):
+    """The proposal ``q`` of a chunk step: for every particle, the tokens it draws until a
+    delimiter, EOS or the token budget (its row of ``[N, max_new_tokens]``, ``-1``-padded;
+    all ``-1`` for a finished particle), every token from the program's token proposal.
+
+    Drawing a chunk decodes it, so the draw has side products — the new particle state,
+    ``log p_LM`` and ``log q`` of the chunk and its constraint factor — returned as
+    NumPyro *intermediates* (``sample_with_intermediates``); ``log_prob(value,
+    intermediates)`` reads ``log q`` from them, and without them decodes ``value`` again.
+    ``pin(value, rows)`` forces the rows' tokens inside the decoding loop (conditional SMC,
+    replay), which a generic pinned distribution could not: the cache must follow them.
+    """
+
+    arg_constraints: dict = {}
+    pytree_data_fields = ("program", "state", "forced", "forced_rows")
+
+    def __init__(self, program: Generation, state: TokenState, forced=None, forced_rows=None):
+        self.program, self.state = program, state
+        self.forced, self.forced_rows = forced, forced_rows
+        super().__init__(batch_shape=state.length.shape, event_shape=(program.max_steps,))
+
+    @constraints.dependent_property(is_discrete=True, event_dim=1)
+    def support(self):
+        return constraints.independent(constraints.integer_interval(-1, self.program.lm.vocab_size - 1), 1)
+
+    def pin(self, value, rows) -> Chunk:
+        return Chunk(self.program, self.state, value, rows)
+
+    def sample_with_intermediates(self, key: jax.Array, sample_shape: tuple[int, ...] = ()):
+        program, n, budget = self.program, self.state.length.shape[0], self.program.max_steps
+        rows = jnp.arange(n)
+        forced = None
+        if self.forced is not None:
+            forced = (jnp.broadcast_to(self.forced, (n, budget)), jnp.broadcast_to(self.forced_rows, (n,)))
+
+        def body(carry):
+            state, in_chunk, position, tokens, log_p, log_q, log_constraint, key = carry
+            key, sample_key = jax.random.split(key)
+            logits, cache = program.lm.decode(state.cache, state.last, in_chunk)
+            allowed = program.allowed(state)
+            proposal_logits = logits
+            if allowed is not None and program.proposal == "locally_optimal":
+                proposal_logits = _masked_logits(logits, allowed)
+            token = sample_logits(sample_key, proposal_logits)
+            if forced is not None:
+                token = jnp.where(forced[1], forced[0][:, position], token)
+            pick = lambda table: table[rows, token] - jax.nn.logsumexp(table, axis=-1)  # noqa: E731
+            log_p += jnp.where(in_chunk, pick(logits), 0.0)
+            log_q += jnp.where(in_chunk, pick(proposal_logits), 0.0)
+            if allowed is not None:
+                log_constraint += jnp.where(in_chunk & ~allowed[rows, token], -jnp.inf, 0.0)
+            state = program.append(state, token, cache, in_chunk)
+            tokens = tokens.at[:, position].set(jnp.where(in_chunk, token, -1))
+            in_chunk &= ~(program.delimiter[token] | state.finished)
+            return state, in_chunk, position + 1, tokens, log_p, log_q, log_constraint, key
+
+        zeros = jnp.zeros(n)
+        start = (self.state, ~self.state.finished, 0, jnp.full((n, budget), -1, jnp.int32), zeros, zeros, zeros, key)
+        state, _, _, tokens, log_p, log_q, log_constraint, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), body, start)
+        return tokens, [state, log_p, log_q, log_constraint]
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()):
+        return self.sample_with_intermediates(key, sample_shape)[0]
+
+    def log_prob(self, value, intermediates=None):
+        """``log q(value)``: from the draw's intermediates, or by decoding ``value`` again."""
+        if not intermediates:
+            intermediates = self.pin(value, True).sample_with_intermediates(jax.random.key(0))[1]
+        return intermediates[2]

@@ -1,23 +1,32 @@
 """Effect handlers that inference needs, built on NumPyro's ``Messenger``.
 
 A program is ordinary NumPyro code, so ``seed``, ``trace``, ``substitute``, ``condition``
-and ``block`` keep working on it. Two handlers are added:
+and ``block`` keep working on it. Three handlers are added:
 
 - :class:`propose` samples chosen latent sites from a proposal ``q`` instead of their prior
   ``p``, and marks the site so that :func:`log_weight` adds ``log p(x) - log q(x)``.
 - :class:`temper` raises every potential (observed site or ``factor``) to a power ``beta``.
+- :class:`pin` forces latent sites to given values on some rows of a particle batch (the
+  reference particle of conditional SMC, or every row when a trajectory is replayed); the
+  other rows sample as usual.
 
 :func:`log_weight` turns a trace into the importance weight of one run of the program:
     log w = sum over potentials of scale * log G(x)  +  sum over proposed sites of log p(x) - log q(x)
 Sites sampled from their own prior contribute nothing (the bootstrap choice).
+:func:`log_density` is the unnormalised target itself, ``log gamma`` of the run:
+    log gamma = sum over potentials of scale * log G(x)  +  sum over latent sites of log p(x)
+:func:`choices` reads the values of the latent sites (what a trajectory records).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpyro
+from jaxtyping import Array, Bool
+from numpyro import handlers as numpyro_handlers
 from numpyro.distributions import Distribution
 from numpyro.handlers import Messenger
 
@@ -40,11 +49,13 @@ def observe(name: str, likelihood: Distribution, value: Any) -> Any:
 class propose(Messenger):
     """Sample latent sites from a proposal and record the prior they stand in for.
 
-    A site is proposed if ``proposal(name, prior)`` returns a distribution, or, when no such
-    function is given, if the program attached one with
-    ``numpyro.sample(name, prior, infer={"proposal": q})``. ``q`` must have the same support
-    as ``prior`` wherever the prior has mass. The replaced prior is kept in the site's
-    ``infer`` dict so that :func:`log_weight` can add ``log p - log q``.
+    A site is proposed from ``proposal(name, prior)`` when that returns a distribution; when it
+    returns ``None`` (or no ``proposal`` is given, or a mapping lacks the name) the site falls
+    back to the proposal the program attached with
+    ``numpyro.sample(name, prior, infer={"proposal": q})``, and to its prior if there is none
+    (return ``prior`` itself to override an attached proposal with the prior). ``q`` must have
+    the same support as ``prior`` wherever the prior has mass. The replaced prior is kept in
+    the site's ``infer`` dict so that :func:`log_weight` can add ``log p - log q``.
     """
 
     def __init__(self, fn: Callable | None = None, proposal: Proposal | Mapping | None = None):
@@ -58,9 +69,8 @@ class propose(Messenger):
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
         prior = msg["fn"]
-        if self.proposal is not None:
-            q = self.proposal(msg["name"], prior)
-        else:
+        q = None if self.proposal is None else self.proposal(msg["name"], prior)
+        if q is None:
             q = msg["infer"].get("proposal")
         if q is None:
             return
@@ -84,8 +94,78 @@ class temper(Messenger):
             msg["scale"] = self.beta if msg["scale"] is None else msg["scale"] * self.beta
 
 
+class Pinned(Distribution):
+    """``base`` with the draws of some rows replaced by fixed values; densities are ``base``'s.
+
+    ``rows`` (a bool, or one per batch row) broadcasts against the leading axes of a draw and
+    ``value`` against the whole draw. A distribution whose draw has side products that must
+    follow the forced value (a chunk of tokens decoded through a KV cache) defines
+    ``pin(value, rows)`` itself, and :class:`pin` uses that instead.
+    """
+
+    def __init__(self, base: Distribution, value: Array, rows: Bool[Array, "..."]):
+        self.base, self.value, self.rows = base, value, jnp.asarray(rows, bool)
+        super().__init__(batch_shape=base.batch_shape, event_shape=base.event_shape)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base.has_rsample
+
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        drawn = self.base.sample(key, sample_shape)
+        return jnp.where(_expand_rows(self.rows, jnp.ndim(drawn)), jnp.asarray(self.value, drawn.dtype), drawn)
+
+    def log_prob(self, value: Array) -> Array:
+        return self.base.log_prob(value)
+
+
+def _expand_rows(rows: Array, ndim: int) -> Array:
+    return rows.reshape(rows.shape + (1,) * (ndim - rows.ndim))
+
+
+class pin(Messenger):
+    """Force latent sites named in ``values`` to those values on the ``rows`` that are true.
+
+    ``values[name]`` broadcasts against the site's value: one particle's value (the reference
+    of conditional SMC, on one row) or one per row (replaying a batch of trajectories).
+    ``rows`` is a bool (a single-particle program: is this the pinned particle?) or one bool
+    per row of a batched program. The other rows are drawn as usual, and every row is weighted
+    as usual: a pinned row gets the weight its value would have had if it had been drawn.
+    Place it outside :class:`propose`, so it wraps the distribution actually sampled from.
+    """
+
+    def __init__(self, fn: Callable | None = None, values: Mapping[str, Any] | None = None, rows: Any = True):
+        self.values, self.rows = dict(values or {}), rows
+        super().__init__(fn)
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
+            return
+        if msg["name"] not in self.values:
+            return
+        fn, value = msg["fn"], self.values[msg["name"]]
+        msg["fn"] = fn.pin(value, self.rows) if hasattr(fn, "pin") else Pinned(fn, value, self.rows)
+
+
+def sample_with_intermediates(name: str, fn: Distribution, **kwargs: Any) -> tuple[Any, list]:
+    """``numpyro.sample`` that also returns the draw's intermediates (NumPyro's name for side
+    products of sampling, e.g. the state a decoded chunk of tokens leaves behind): an empty
+    list when no draw happened (the value was given by ``substitute`` / ``condition``)."""
+    with numpyro_handlers.trace() as trace:  # innermost, so it sees the message every handler made
+        value = numpyro.sample(name, fn, **kwargs)
+    return value, trace[name]["intermediates"]
+
+
 def _site_log_prob(site: dict, fn: Distribution, batch_ndims: int) -> jnp.ndarray:
-    log_prob = fn.log_prob(site["value"])
+    # NumPyro's convention: a distribution scores its own draw with the draw's intermediates.
+    if site["intermediates"] and fn is site["fn"]:
+        log_prob = fn.log_prob(site["value"], site["intermediates"])
+    else:
+        log_prob = fn.log_prob(site["value"])
     log_prob = jnp.sum(log_prob, axis=tuple(range(batch_ndims, jnp.ndim(log_prob))))
     return log_prob if site["scale"] is None else site["scale"] * log_prob
 
@@ -114,3 +194,27 @@ def log_weight(trace: Mapping[str, dict], batch_shape: tuple[int, ...] = ()) -> 
             if not q.has_rsample:
                 log_q_score = log_q_score + log_q
     return log_w, log_q_score
+
+
+def _target_fn(site: dict) -> Distribution:
+    """The distribution a latent site stands for: its prior, even when a proposal drew it."""
+    return site["infer"].get(_TARGET, site["fn"])
+
+
+def log_density(trace: Mapping[str, dict], batch_shape: tuple[int, ...] = ()) -> jnp.ndarray:
+    """``log gamma`` of one run: every potential plus the prior log-density of every latent site.
+
+    This is what replaying a trajectory scores; with :func:`log_weight` it satisfies
+    ``log_density = log_weight + log q(latent sites)``.
+    """
+    batch_ndims = len(batch_shape)
+    total = jnp.zeros(batch_shape)
+    for site in trace.values():
+        if site["type"] == "sample":
+            total = total + _site_log_prob(site, site["fn"] if site["is_observed"] else _target_fn(site), batch_ndims)
+    return total
+
+
+def choices(trace: Mapping[str, dict]) -> dict[str, Any]:
+    """The values of the latent (not observed) sample sites of a run, by site name."""
+    return {name: site["value"] for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]}

@@ -5,17 +5,56 @@ plugs into ``ppl.NextToken``, ``ppl.LanguageModel`` and SMC. ``ppl.models.llama`
 reference implementation.
 
 Shapes: ``B`` is the batch (particles), ``T`` a prompt length, ``V`` the vocabulary size.
-The cache is an opaque pytree whose per-sequence axis can be gathered by ``reindex``; in
-``ppl.models`` it is ``[layers, B, max_len, kv_heads, head_dim]`` plus per-row lengths.
+The cache is a :class:`ParticleCache`: it gathers, freezes and rolls back its own rows, so
+programs that keep one in their state need no overrides; in ``ppl.models`` it is
+``[layers, B, max_len, kv_heads, head_dim]`` plus per-row lengths.
 """
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Protocol, runtime_checkable
 
+import equinox as eqx
 from jaxtyping import Array, Bool, Float, Int
 
 Cache = Any
+
+
+class ParticleCache(eqx.Module):
+    """Per-particle state whose particle axis is not the leading one: a KV cache.
+
+    Inference moves particles by gathering, freezing and rewinding their state. Plain leaves
+    of a state have the particle on axis 0 and are handled by ``StateSpace``; a leaf that is
+    a ``ParticleCache`` is asked instead, so a program that keeps a cache in its state needs
+    no override of ``reindex`` / ``select``:
+
+    - ``reindex(ancestors)``: row ``i`` of the result is row ``ancestors[i]``;
+    - ``select(active, previous)``: ``self`` (the stepped cache) on active rows, ``previous``
+      on the others, for a step that left the inactive rows holding their sequence (it may
+      only have written past their length): no buffer needs to move;
+    - ``where(mask, other)``: ``self`` on the rows where ``mask`` holds, ``other`` elsewhere,
+      for any two caches (an MCMC move's accept/reject): a real per-row choice;
+    - ``checkpoint()`` / ``restore(checkpoint)``: a small per-particle summary (leading axis
+      the particle) from which the cache can be rolled back to that point, as long as the
+      rows have only grown since. For a KV cache it is the rows' lengths: rolling back moves
+      the lengths, nothing is copied.
+    """
+
+    @abc.abstractmethod
+    def reindex(self, ancestors: Int[Array, " N"]) -> "ParticleCache": ...
+
+    @abc.abstractmethod
+    def select(self, active: Bool[Array, " N"], previous: "ParticleCache") -> "ParticleCache": ...
+
+    @abc.abstractmethod
+    def where(self, mask: Bool[Array, " N"], other: "ParticleCache") -> "ParticleCache": ...
+
+    @abc.abstractmethod
+    def checkpoint(self) -> Any: ...
+
+    @abc.abstractmethod
+    def restore(self, checkpoint: Any) -> "ParticleCache": ...
 
 
 @runtime_checkable

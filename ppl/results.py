@@ -19,6 +19,11 @@ class SMCResult(NamedTuple):
     Per-step arrays have length ``max_steps``; entry ``t`` describes step ``t``. Entries past
     ``n_steps`` (when every particle finished early) hold the no-op values
     ``ess = n_particles``, ``ancestors = arange``, ``resampled = False``.
+
+    ``choices[site][i]`` is particle ``i``'s trajectory: column 0 its value of ``site`` at
+    ``init``, column ``t + 1`` at step ``t`` (zeros where the site was not drawn, e.g. after
+    the particle finished). ``ppl.inference.replay(program, result.choices)`` rebuilds the
+    particles and their ``log gamma`` from it.
     """
 
     particles: Any  # the state pytree, each leaf with a leading [n_particles] axis
@@ -31,6 +36,9 @@ class SMCResult(NamedTuple):
     all_dead: Bool[Array, ""]  # every weight is zero: log_z = -inf, particles meaningless
     nan_weights: Bool[Array, ""]  # a NaN potential was met; it was treated as -inf
     log_q_score: Float[Array, " N"]  # sum of log q at non-reparameterised proposal sites (for VI)
+    choices: dict[str, Any]  # site -> [N, max_steps + 1, ...]: row i is particle i's trajectory
+    log_gamma: Float[Array, " N"]  # log gamma of each particle's trajectory (the unnormalised target)
+    acceptance_rate: Float[Array, " T"]  # fraction of particles a move changed after step t (0: none)
 
     @property
     def normalized_log_weights(self) -> Float[Array, " N"]:

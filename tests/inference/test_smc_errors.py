@@ -112,3 +112,20 @@ def test_nan_potential_kills_its_particle_and_is_flagged():
     _assert_no_nan(result)
     clean = smc(Walk(jnp.zeros(1), max_steps=1), jax.random.key(1), 64)
     assert not bool(clean.nan_weights)
+
+
+def test_a_step_proposal_returning_none_falls_back_to_the_programs_own():
+    """``smc(proposal=...)`` returning ``None`` for a site leaves the proposal the program
+    attached with ``infer={"proposal": q}`` in force (the bigram's locally optimal proposal,
+    which never draws a forbidden token): no particle dies, exactly as without the callable.
+    Before the fix the callable dropped it and sites fell back to the prior: with this key
+    84 of 256 particles then die (checked below by returning the prior explicitly)."""
+    from ppl.models.toy import abc_bigram
+
+    program = abc_bigram(6).program(optimal_proposal=True)
+    with_callable = smc(program, jax.random.key(0), 256, proposal=lambda name, prior, state, t: None)
+    without = smc(program, jax.random.key(0), 256)
+    assert int(np.sum(~np.isfinite(np.asarray(with_callable.log_weights)))) == 0
+    np.testing.assert_allclose(with_callable.log_z, without.log_z, rtol=1e-6)
+    from_prior = smc(program, jax.random.key(0), 256, proposal=lambda name, prior, state, t: prior)
+    assert int(np.sum(~np.isfinite(np.asarray(from_prior.log_weights)))) > 0

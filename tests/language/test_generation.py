@@ -1,17 +1,15 @@
 """Generation programs on a real transformer with an exactly enumerable target.
 
-A tiny random-weight Llama over an 8-token vocabulary, a regex constraint compiled by the
-same outlines-core path as for SmolLM2, and a soft reward: with at most 3 tokens before EOS
-there are few enough sequences to compute Z and the posterior by enumeration.
+The tiny random-weight Llama of ``ppl.models.toy_lm`` over an 8-token vocabulary, a regex
+constraint compiled by the same outlines-core path as for SmolLM2, and a soft reward: with at
+most 3 tokens before EOS there are few enough sequences to compute Z and the posterior by
+enumeration.
 """
 
 from __future__ import annotations
 
-import itertools
-import re
 from types import SimpleNamespace
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,74 +17,20 @@ import pytest
 
 import ppl
 from ppl.inference import smc
-from ppl.models import Llama, LlamaConfig
 from ppl.models.constraints import regex
+from ppl.models.toy_lm import EOS, MAX_NEW, PROMPT, VOCAB, enumerate_posterior, tiny_generation, tiny_llama, tiny_tokenizer
 
-VOCAB = [b"a", b"b", b"c", b"ab", b" ", b"ba", b"", b""]  # 6: BOS, 7: EOS
-BOS, EOS = 6, 7
-PATTERN = r"(ab|b)+ ?c?"
-PROMPT = jnp.array([BOS, 0, 4], jnp.int32)
-MAX_NEW = 4
-REWARD_PER_A = 0.7  # log potential: 0.7 per "a" in the text (an exp(r/β) reward)
-
-
-def random_llama(seed: int) -> Llama:
-    config = LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, tie_embeddings=True,
-    )
-    rng = np.random.default_rng(seed)
-    shapes = {
-        "q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32),
-        "gate_proj": (48, 32), "up_proj": (48, 32), "down_proj": (32, 48),
-    }
-
-    def tensor(name: str) -> np.ndarray:
-        if name.endswith("norm.weight"):
-            return 1.0 + 0.1 * rng.standard_normal(32)
-        if name == "model.embed_tokens.weight":
-            return 0.25 * rng.standard_normal((len(VOCAB), 32))  # logits of O(1): a flat prior
-        kind = name.split(".")[-2]
-        return rng.standard_normal(shapes[kind]) / np.sqrt(shapes[kind][1])
-
-    return Llama.from_hf_tensors(config, tensor)
-
-
-class ARewardPotential(eqx.Module):
-    """Ratio-weighted potential log ψ(x_{1:t}) = REWARD_PER_A · (number of "a" letters)."""
-
-    letters: jax.Array = eqx.field(default_factory=lambda: jnp.array([v.count(b"a") for v in VOCAB], jnp.float32))
-
-    def init(self, n: int):
-        return jnp.zeros(n)
-
-    def update(self, previous, tokens, lengths, done):
-        valid = jnp.arange(tokens.shape[1]) < lengths[:, None]
-        log_psi = REWARD_PER_A * jnp.sum(jnp.where(valid, self.letters[jnp.maximum(tokens, 0)], 0.0), axis=1)
-        return log_psi, log_psi - previous
+PROMPT = jnp.array(PROMPT, jnp.int32)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    lm = random_llama(0)
-    tokenizer = SimpleNamespace(vocab_bytes=VOCAB, eos_token_id=EOS, vocab_size=len(VOCAB))
-    constraint = regex(PATTERN, tokenizer)
-    return lm, constraint
+    lm = tiny_llama(0)
+    return lm, tiny_generation(lm).constraint
 
 
-def exact_posterior(lm: Llama) -> dict[tuple[int, ...], float]:
-    """Enumerate every continuation x_1..x_L, EOS (L < MAX_NEW) that the target supports."""
-    log_gamma = {}
-    for length in range(MAX_NEW):
-        for body in itertools.product(range(6), repeat=length):
-            text = b"".join(VOCAB[v] for v in body).decode()
-            if not re.fullmatch(PATTERN, text):
-                continue
-            sequence = jnp.concatenate([PROMPT, jnp.array(body + (EOS,), jnp.int32)])
-            log_probs = jax.nn.log_softmax(lm(sequence)[len(PROMPT) - 1 : -1])
-            log_p = float(jnp.sum(log_probs[jnp.arange(length + 1), sequence[len(PROMPT):]]))
-            log_gamma[body] = log_p + REWARD_PER_A * text.count("a")
-    return log_gamma
+def exact_posterior(lm):
+    return enumerate_posterior(lm)
 
 
 def random_twist(state):
@@ -95,9 +39,8 @@ def random_twist(state):
 
 
 def program(lm, constraint, proposal, step="token"):
-    return ppl.Generation(
-        lm, PROMPT, MAX_NEW, EOS, constraint=constraint, potentials=[ARewardPotential()],
-        proposal="locally_optimal" if proposal == "twisted" else proposal, require_eos=True, step=step,
+    return tiny_generation(
+        lm, "locally_optimal" if proposal == "twisted" else proposal, step=step,
         delimiter=np.arange(len(VOCAB)) == 4, twist=random_twist if proposal == "twisted" else None,
     )
 
@@ -190,7 +133,7 @@ def test_bad_input_is_a_clear_error(setup):
         ppl.Generation(lm, PROMPT, 4, EOS, max_len=5)
     with pytest.raises(ValueError, match="unknown proposal"):
         ppl.Generation(lm, PROMPT, 4, EOS, proposal="greedy")
-    other = SimpleNamespace(vocab_bytes=VOCAB + [b"z"], eos_token_id=EOS, vocab_size=len(VOCAB) + 1)
+    other = SimpleNamespace(vocab_bytes=list(VOCAB) + [b"z"], eos_token_id=EOS, vocab_size=len(VOCAB) + 1)
     with pytest.raises(ValueError, match="vocabulary"):
         ppl.Generation(lm, PROMPT, 4, EOS, constraint=regex("a+", other))
 
@@ -214,8 +157,7 @@ def test_impossible_constraint_kills_every_particle(setup):
     """With the prior proposal and a constraint no sampled token can meet at the last slot,
     every particle dies: log Z = -inf and the ``all_dead`` flag, no NaN."""
     lm, _ = setup
-    tokenizer = SimpleNamespace(vocab_bytes=VOCAB, eos_token_id=EOS, vocab_size=len(VOCAB))
-    only_c = regex("c{4}", tokenizer)  # needs 4 tokens then EOS: impossible within 4 slots
+    only_c = regex("c{4}", tiny_tokenizer())  # needs 4 tokens then EOS: impossible within 4 slots
     result = smc(ppl.Generation(lm, PROMPT, MAX_NEW, EOS, constraint=only_c, require_eos=True), jax.random.key(0), 16)
     assert bool(result.all_dead) and float(result.log_z) == -np.inf
     assert not np.any(np.isnan(np.asarray(result.weights)))
@@ -227,3 +169,23 @@ def test_second_call_does_not_recompile(setup, compile_counter):
     compile_counter.count = 0
     smc(program(lm, constraint, "locally_optimal"), jax.random.key(1), 16).log_z.block_until_ready()
     assert compile_counter.count == 0
+
+
+@pytest.mark.parametrize("step", ["token", "chunk"])
+def test_trajectories_replay_to_the_exact_log_gamma(setup, step):
+    """Token steps record one token per step, chunk steps the chunk's tokens at one
+    ``"chunk"`` site. Replaying every surviving particle's trajectory (its caches rebuilt by
+    decoding the recorded values) gives its state back and its log gamma, which equals both
+    the ``log_gamma`` SMC tracked and the enumerated value (float32: within 1e-4)."""
+    lm, constraint = setup
+    exact = exact_posterior(lm)
+    chunks = program(lm, constraint, "locally_optimal", step)
+    result = smc(chunks, jax.random.key(4), 32)
+    alive = np.isfinite(np.asarray(result.log_weights))
+    replayed = ppl.inference.replay(chunks, result.choices)
+    np.testing.assert_array_equal(replayed.particles.tokens, result.particles.tokens)
+    site = "chunk" if step == "chunk" else "token"
+    assert set(result.choices) == {site}
+    expected = [exact[tuple(int(v) for v in row[:n])] for row, n in zip(np.asarray(result.particles.tokens)[alive], np.asarray(result.particles.length)[alive])]
+    np.testing.assert_allclose(np.asarray(result.log_gamma)[alive], expected, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ppl.inference.score(chunks, result.choices))[alive], expected, atol=1e-4)

@@ -329,7 +329,7 @@ def test_program_weights_are_target_over_proposal(name, optimal_proposal):
     draws the path; -inf weights exactly where the target is 0; state shapes are fixed."""
     model = MODELS[name]()
     program = model.program(optimal_proposal)
-    ppl.program.check_step_shapes(program)
+    ppl.program.check_program(program)
     keys = jax.random.split(jax.random.key(8), 64)
     paths, final, log_w, log_q = jax.jit(jax.vmap(lambda k: rollout(program, k)))(keys)
     if name == "bigram":

@@ -1,0 +1,190 @@
+"""Sequential Monte Carlo as a program transformation.
+
+``smc(program, key, n_particles)`` targets the program's posterior ``gamma / Z``
+(see :mod:`ppl.program`) with the algorithm below, written once for every scheme::
+
+    x^i ~ init (or its proposal);  logw^i = log weight of init          for i = 1..N
+    for t = 0 .. max_steps-1, until every particle is done:
+        if ESS(w) < ess_threshold · N:                    # adaptive resampling
+            log_z_prefix += logmeanexp(logw)
+            a^i ~ resample(w);  x^i = x^{a^i};  logw^i = 0
+        x^i, inc^i = step(x^i, t) (or its proposal) for particles not yet done
+        logw^i += inc^i
+        every k steps: x^i ~ K_t(x^i, .)                  # optional move, invariant for gamma_t
+    log_z = log_z_prefix + logmeanexp(logw)
+
+``log_z`` is unbiased for ``Z`` (in the sense ``E[exp log_z] = Z``) for every resampler and
+threshold: threshold 0 never resamples (importance sampling), 1 resamples every step. A move
+that leaves the current target invariant changes no weight, so it keeps that property.
+The loop is one ``lax.scan`` over the public pieces of :mod:`ppl.inference.kernel`, whose
+remaining iterations are skipped once every particle is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ppl.program import StateSpace
+from ppl.results import SMCResult
+from ppl.inference.history import emitted
+from ppl.inference.kernel import Move, finalize, idle, init, rejuvenate, step
+from ppl.inference.particles import StepProposal, done
+from ppl.inference.resampling import Resampler, get_resampler
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def validate(program: StateSpace, n_particles: int, ess_threshold: Any = 0.0) -> None:
+    """Clear errors for arguments every SMC-based transformation takes."""
+    if not isinstance(program, StateSpace):
+        raise TypeError(f"program must be a ppl.StateSpace, got {type(program).__name__}")
+    check_positive_int("n_particles", n_particles)
+    max_steps = getattr(program, "max_steps", None)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+        raise ValueError(
+            f"{type(program).__name__}.max_steps must be a static non-negative int "
+            f"(declare it with eqx.field(static=True)), got {max_steps!r}"
+        )
+    if not isinstance(ess_threshold, jax.core.Tracer):
+        value = float(ess_threshold)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"ess_threshold must lie in [0, 1], got {value}")
+
+
+def _validate_move(program: StateSpace, kernel: Move | None, every: int) -> None:
+    if kernel is None:
+        return
+    check_positive_int("rejuvenate_every", every)
+    window = getattr(kernel, "window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise TypeError(
+            f"rejuvenate must be a move kernel with an int `window` attribute (e.g. "
+            f"ppl.inference.suffix_mh(lag)), got {type(kernel).__name__}"
+        )
+    if window > program.max_steps:
+        raise ValueError(
+            f"{type(kernel).__name__} needs the last {window} steps but "
+            f"{type(program).__name__} has only max_steps={program.max_steps}"
+        )
+
+
+def check_move_shapes(program: StateSpace, kernel: Move, state: Any, proposal: StepProposal | None) -> None:
+    """``ValueError`` naming the leaf if ``kernel`` changes the population's shapes."""
+    moved, _ = jax.eval_shape(lambda s: kernel(program, jax.random.key(0), s, jnp.zeros((), jnp.int32), proposal), state)
+    before, before_tree = jax.tree_util.tree_flatten_with_path(state)
+    after, after_tree = jax.tree_util.tree_flatten_with_path(moved)
+    if before_tree != after_tree:
+        raise ValueError(f"move kernel {type(kernel).__name__} changed the structure of the SMC state")
+    for (path, old), (_, new) in zip(before, after):
+        if old.shape != new.shape or old.dtype != new.dtype:
+            raise ValueError(
+                f"move kernel {type(kernel).__name__} changed state leaf {jax.tree_util.keystr(path)} "
+                f"from {old.dtype}{list(old.shape)} to {new.dtype}{list(new.shape)}; a move must keep shapes"
+            )
+
+
+@eqx.filter_jit
+def _smc(program, key, n_particles, resampler, ess_threshold, proposal, kernel, every, progress) -> SMCResult:
+    init_key, loop_key = jax.random.split(key)
+    state = init(program, init_key, n_particles, proposal=proposal, window=0 if kernel is None else kernel.window)
+    if kernel is not None:
+        check_move_shapes(program, kernel, state, proposal)
+
+    def advance(state, t):
+        running = ~jnp.all(done(program, state.particles)) & (state.ess > 0)
+
+        def run(state):
+            step_key, move_key = jax.random.split(jax.random.fold_in(loop_key, t))
+            state, info = step(program, step_key, state, t, resampler=resampler, ess_threshold=ess_threshold, proposal=proposal)
+            if kernel is not None:
+                when = True if every == 1 else (t + 1) % every == 0
+                state, acceptance = rejuvenate(program, move_key, state, t, kernel, proposal=proposal, when=when)
+                # What the step emits must be read after the move, which may rewrite it.
+                info = info._replace(choices=emitted(state.choices, state.window, t), acceptance_rate=acceptance)
+            if progress is not None:
+                jax.debug.callback(progress, t, info.ess, jnp.sum(done(program, state.particles)))
+            return state, info
+
+        # scan + cond rather than while_loop: reverse-mode differentiable (for VI), and once
+        # every particle is done (or dead) the remaining iterations cost nothing.
+        return jax.lax.cond(running, run, lambda s: (s, idle(s)), state)
+
+    state, history = jax.lax.scan(advance, state, jnp.arange(program.max_steps))
+    return finalize(state, history)
+
+
+def smc(
+    program: StateSpace,
+    key: PRNGKeyArray,
+    n_particles: int,
+    *,
+    resampling: str | Resampler = "systematic",
+    ess_threshold: float | Float[Array, ""] = 0.5,
+    proposal: StepProposal | None = None,
+    rejuvenate: Move | None = None,
+    rejuvenate_every: int = 1,
+    progress: Callable[[Any, Any, Any], None] | None = None,
+) -> SMCResult:
+    """Sequential Monte Carlo on ``program``; returns a properly weighted :class:`SMCResult`.
+
+    Target: the program's posterior ``gamma(x) / Z``. The returned ``log_weights`` satisfy
+    ``logsumexp(log_weights) == log_z`` with ``E[exp(log_z)] = Z``.
+
+    Args:
+        program: the state-space program.
+        key: a JAX PRNG key; the same key gives the same result, jitted or not.
+        n_particles: number of particles ``N >= 1`` (static: one compilation per value).
+        resampling: ``"systematic"`` (default), ``"stratified"``, ``"residual"``,
+            ``"multinomial"``, or a callable ``(key, log_weights, n) -> indices``.
+        ess_threshold: resample before a step when ``ESS < ess_threshold · N``; ``0`` never
+            (importance sampling), ``1`` every step. A traced value does not recompile.
+        proposal: ``proposal(name, prior, state, t) -> q | None`` chooses the distribution to
+            sample each latent site from; ``None`` falls back to the ``infer={"proposal": q}``
+            the program attached, else the prior. Weights include ``log p - log q``; the
+            target is unchanged.
+        rejuvenate: an MCMC move that leaves the current target invariant (resample-move,
+            Gilks & Berzuini 2001), e.g. :func:`ppl.inference.suffix_mh`; applied after every
+            ``rejuvenate_every``-th step. It changes particles, never weights.
+        progress: an optional host function ``progress(t, ess, n_finished)`` called after
+            every step that runs (through ``jax.debug.callback``), e.g. to drive a progress
+            bar; it is part of the compiled function, so pass the same object to reuse it.
+
+    Particles whose ``program.done`` holds are frozen. A NaN potential kills its particle
+    (treated as ``-inf``) and sets ``nan_weights``; if every particle dies, ``log_z = -inf``
+    and ``all_dead`` is set — no NaN is ever returned. ``result.choices`` holds every
+    particle's trajectory (see :mod:`ppl.inference.kernel`).
+    The whole run is one compiled function per (program type, shapes, ``n_particles``,
+    ``resampling``, move); it can also be called inside a user's ``jit`` or ``vmap``.
+    """
+    validate(program, n_particles, ess_threshold)
+    _validate_move(program, rejuvenate, rejuvenate_every)
+    return _smc(
+        program,
+        key,
+        n_particles,
+        get_resampler(resampling),
+        jnp.asarray(ess_threshold, jnp.float32),
+        proposal,
+        rejuvenate,
+        rejuvenate_every,
+        progress,
+    )
+
+
+def importance(
+    program: StateSpace,
+    key: PRNGKeyArray,
+    n_particles: int,
+    *,
+    proposal: StepProposal | None = None,
+) -> SMCResult:
+    """Importance sampling: :func:`smc` that never resamples (same target, same weights)."""
+    return smc(program, key, n_particles, ess_threshold=0.0, proposal=proposal)

@@ -1,0 +1,121 @@
+"""A tiny transformer LM whose constrained generation posterior is enumerable.
+
+A random-weight Llama (the real decoder, KV cache and all) over an 8-token vocabulary, a
+regex constraint compiled by the same outlines-core path as for SmolLM2, and a soft reward
+of ``REWARD_PER_A`` nats per letter "a": with at most ``max_new_tokens - 1`` tokens before EOS
+there are few enough sequences to compute ``Z`` and the posterior exactly, by teacher-forced
+forward passes (``Llama.__call__``) and Python's ``re`` — independently of the cache, the
+constraint automaton and every inference path that is being checked against them.
+
+    lm = tiny_llama(0)
+    program = tiny_generation(lm, proposal="locally_optimal")
+    exact = enumerate_posterior(lm)          # {token tuple: log gamma}
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+import ppl
+from ppl.models.constraints import regex
+from ppl.models.llama import Llama, LlamaConfig
+
+VOCAB = (b"a", b"b", b"c", b"ab", b" ", b"ba", b"", b"")  # 6: BOS, 7: EOS
+BOS, EOS = 6, 7
+PATTERN = r"(ab|b)+ ?c?"
+PROMPT = (BOS, 0, 4)
+MAX_NEW = 4
+REWARD_PER_A = 0.7  # log potential per "a" in the text (an exp(r/β) reward)
+
+
+def tiny_tokenizer() -> SimpleNamespace:
+    """What the constraint compiler needs of a tokenizer: the vocabulary's bytes and EOS."""
+    return SimpleNamespace(vocab_bytes=list(VOCAB), eos_token_id=EOS, vocab_size=len(VOCAB))
+
+
+def tiny_llama(seed: int) -> Llama:
+    """A 2-layer Llama (GQA, tied embeddings) with random O(1) weights over ``VOCAB``."""
+    config = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, tie_embeddings=True,
+    )
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32),
+        "gate_proj": (48, 32), "up_proj": (48, 32), "down_proj": (32, 48),
+    }
+
+    def tensor(name: str) -> np.ndarray:
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * rng.standard_normal(32)
+        if name == "model.embed_tokens.weight":
+            return 0.25 * rng.standard_normal((len(VOCAB), 32))  # logits of O(1): a flat prior
+        kind = name.split(".")[-2]
+        return rng.standard_normal(shapes[kind]) / np.sqrt(shapes[kind][1])
+
+    return Llama.from_hf_tensors(config, tensor)
+
+
+class LetterReward(eqx.Module):
+    """Ratio-weighted potential ``log psi(x_{1:t}) = REWARD_PER_A · (number of "a" letters)``."""
+
+    letters: Float[Array, " V"] = eqx.field(default_factory=lambda: jnp.array([v.count(b"a") for v in VOCAB], jnp.float32))
+
+    def init(self, n: int) -> Float[Array, " N"]:
+        return jnp.zeros(n)
+
+    def update(self, previous, tokens: Int[Array, "N T"], lengths: Int[Array, " N"], done: Bool[Array, " N"]):
+        valid = jnp.arange(tokens.shape[1]) < lengths[:, None]
+        log_psi = REWARD_PER_A * jnp.sum(jnp.where(valid, self.letters[jnp.maximum(tokens, 0)], 0.0), axis=1)
+        return log_psi, log_psi - previous
+
+
+def tiny_generation(lm: Llama, proposal: str = "locally_optimal", prompt: Any = PROMPT, **kwargs) -> ppl.Generation:
+    """``gamma(x) = p_LM(x | prompt) · 1[x matches PATTERN, ends with EOS] · exp(0.7 · #a)``
+    over at most ``MAX_NEW`` tokens; extra keyword arguments go to :class:`ppl.Generation`.
+
+    ``prompt`` may be a traced array (one of several prompts chosen by a latent); pass a
+    prebuilt ``constraint=`` to skip compiling the regex on every call."""
+    if "constraint" not in kwargs:
+        kwargs["constraint"] = regex(PATTERN, tiny_tokenizer())
+    options = dict(potentials=[LetterReward()], proposal=proposal, require_eos=True)
+    return ppl.Generation(lm, jnp.asarray(prompt, jnp.int32), MAX_NEW, EOS, **{**options, **kwargs})
+
+
+@eqx.filter_jit
+def _teacher_forced_log_probs(lm: Llama, sequences: Int[Array, "B L"]) -> Float[Array, "B L V"]:
+    return jax.nn.log_softmax(jax.vmap(lm)(sequences))
+
+
+def enumerate_posterior(lm: Llama, prompt: Any = PROMPT) -> dict[tuple[int, ...], float]:
+    """``log gamma`` of every continuation ``x_1..x_L, EOS`` (``L < MAX_NEW``) in the support of
+    :func:`tiny_generation`'s target (for the same ``prompt``), keyed by its tokens before EOS.
+
+    The sequences of one length are scored in one batched forward pass (one compilation per
+    length, not one eager pass per sequence)."""
+    log_gamma = {}
+    prompt = tuple(int(v) for v in np.asarray(prompt))
+    for length in range(MAX_NEW):
+        bodies = [body for body in itertools.product(range(6), repeat=length) if re.fullmatch(PATTERN, _text(body))]
+        if not bodies:
+            continue
+        sequences = jnp.array([prompt + body + (EOS,) for body in bodies], jnp.int32)
+        log_probs = _teacher_forced_log_probs(lm, sequences)[:, len(prompt) - 1 : -1]
+        targets = sequences[:, len(prompt) :]
+        log_p = jnp.sum(jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0], axis=1)
+        for body, value in zip(bodies, np.asarray(log_p, np.float64)):
+            log_gamma[body] = float(value) + REWARD_PER_A * _text(body).count("a")
+    return log_gamma
+
+
+def _text(body: tuple[int, ...]) -> str:
+    return b"".join(VOCAB[v] for v in body).decode()
