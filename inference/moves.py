@@ -19,6 +19,7 @@ from ppl.program import StateSpace
 from ppl.inference.history import restore
 from ppl.inference.kernel import SMCState, n_particles_of, propagate
 from ppl.inference.particles import StepProposal
+from ppl.inference.sequential import check_positive_int
 
 
 class SuffixMH(eqx.Module):
@@ -97,6 +98,5 @@ class SuffixMH(eqx.Module):
 
 def suffix_mh(lag: int) -> SuffixMH:
     """The :class:`SuffixMH` move regenerating the last ``lag >= 1`` steps."""
-    if isinstance(lag, bool) or not isinstance(lag, int) or lag < 1:
-        raise ValueError(f"suffix_mh lag must be a positive integer, got {lag!r}")
+    check_positive_int("suffix_mh lag", lag)
     return SuffixMH(lag)

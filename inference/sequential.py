@@ -37,8 +37,12 @@ from ppl.inference.particles import StepProposal, done
 from ppl.inference.resampling import Resampler, get_resampler
 
 
+def _is_int_at_least(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int_at_least(value, 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -48,7 +52,7 @@ def validate(program: StateSpace, n_particles: int, ess_threshold: Any = 0.0) ->
         raise TypeError(f"program must be a ppl.StateSpace, got {type(program).__name__}")
     check_positive_int("n_particles", n_particles)
     max_steps = getattr(program, "max_steps", None)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+    if not _is_int_at_least(max_steps, 0):
         raise ValueError(
             f"{type(program).__name__}.max_steps must be a static non-negative int "
             f"(declare it with eqx.field(static=True)), got {max_steps!r}"
@@ -64,7 +68,7 @@ def _validate_move(program: StateSpace, kernel: Move | None, every: int) -> None
         return
     check_positive_int("rejuvenate_every", every)
     window = getattr(kernel, "window", None)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+    if not _is_int_at_least(window, 0):
         raise TypeError(
             f"rejuvenate must be a move kernel with an int `window` attribute (e.g. "
             f"ppl.inference.suffix_mh(lag)), got {type(kernel).__name__}"
@@ -105,7 +109,8 @@ def _smc(program, key, n_particles, resampler, ess_threshold, proposal, kernel, 
             step_key, move_key = jax.random.split(jax.random.fold_in(loop_key, t))
             state, info = step(program, step_key, state, t, resampler=resampler, ess_threshold=ess_threshold, proposal=proposal)
             if kernel is not None:
-                when = True if every == 1 else (t + 1) % every == 0
+                # A move starts once it has the steps it regenerates.
+                when = (t + 1 >= kernel.window) & ((t + 1) % every == 0)
                 state, acceptance = rejuvenate(program, move_key, state, t, kernel, proposal=proposal, when=when)
                 # What the step emits must be read after the move, which may rewrite it.
                 info = info._replace(choices=emitted(state.choices, state.window, t), acceptance_rate=acceptance)
@@ -152,7 +157,8 @@ def smc(
             target is unchanged.
         rejuvenate: an MCMC move that leaves the current target invariant (resample-move,
             Gilks & Berzuini 2001), e.g. :func:`ppl.inference.suffix_mh`; applied after every
-            ``rejuvenate_every``-th step. It changes particles, never weights.
+            ``rejuvenate_every``-th step once the kernel's ``window`` of steps has been taken.
+            It changes particles, never weights.
         progress: an optional host function ``progress(t, ess, n_finished)`` called after
             every step that runs (through ``jax.debug.callback``), e.g. to drive a progress
             bar; it is part of the compiled function, so pass the same object to reuse it.
