@@ -162,6 +162,8 @@ def smc(
         progress: an optional host function ``progress(t, ess, n_finished)`` called after
             every step that runs (through ``jax.debug.callback``), e.g. to drive a progress
             bar; it is part of the compiled function, so pass the same object to reuse it.
+            A host callback keeps the function out of JAX's persistent compilation cache
+            (:func:`ppl.enable_compilation_cache`): leave it out where warm starts matter.
 
     Particles whose ``program.done`` holds are frozen. A NaN potential kills its particle
     (treated as ``-inf``) and sets ``nan_weights``; if every particle dies, ``log_z = -inf``

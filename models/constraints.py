@@ -68,6 +68,7 @@ class TokenDFA(eqx.Module):
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens the automaton reads."""
         return self.token_class.shape[0]
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -98,6 +99,7 @@ class TokenDFA(eqx.Module):
         return (state >= 0) & self.accepting[jnp.maximum(state, 0)]
 
     def is_dead(self, state: Int[ArrayLike, ""]) -> Bool[Array, ""]:
+        """Whether ``state`` is the dead state (no continuation can satisfy the constraint)."""
         return jnp.asarray(state) < 0
 
 

@@ -65,4 +65,5 @@ class MCMCResult(NamedTuple):
 
     @property
     def acceptance_rate(self) -> Float[Array, ""]:
+        """Fraction of iterations that moved (over every axis of ``accepted``)."""
         return jnp.mean(self.accepted)

@@ -1,0 +1,58 @@
+"""Packaging: lazy subpackages, one version, the command line's options, the compilation cache."""
+
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+import ppl
+from ppl import cli
+
+
+def test_subpackages_are_reachable_from_ppl_without_a_cycle():
+    code = "import ppl; print(ppl.inference.smc.__name__, ppl.models.smollm2.__name__, ppl.plot.ess.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["smc", "smollm2", "ess"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ppl.nope  # noqa: B018
+
+
+def test_version_has_one_source():
+    assert version("ppl-jax") == ppl.__version__
+
+
+def test_cli_version_and_help_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"ppl-jax {ppl.__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["steer", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--no-letter e", "--regex", "--max-word-length 5", "--reward sentiment", "--json", "--seed"):
+        assert flag in help_text, flag
+
+
+@pytest.mark.parametrize("flag, value", [("--particles", "0"), ("--max-tokens", "0")])
+def test_cli_rejects_empty_budgets(flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        cli.main(["steer", "hi", flag, value])
+
+
+def test_compilation_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPL_CACHE_DIR", str(tmp_path / "env"))
+    assert ppl.default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("PPL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ppl.default_cache_dir() == tmp_path / "xdg" / "ppl-jax" / "jax"
+    code = (
+        "import functools, jax, jax.numpy as jnp, ppl, sys; ppl.enable_compilation_cache(sys.argv[1]);"
+        # 400 unrolled ops: compiles for longer than the cache's 0.1 s threshold
+        "f = lambda x: functools.reduce(lambda y, i: jnp.sin(y) * i + y @ y, range(400), x);"
+        "jax.jit(f)(jnp.ones((8, 8))).block_until_ready()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "given")], check=True)
+    assert any((tmp_path / "given").iterdir()), "nothing was written to the compilation cache"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="cannot create the compilation cache folder"):
+        ppl.enable_compilation_cache(tmp_path / "file" / "sub")
