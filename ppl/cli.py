@@ -1,6 +1,6 @@
 """``ppl steer``: constrained, reward-guided generation with the embedded SmolLM2 from a shell.
 
-    ppl steer "Name a fruit and say why you like it." --no-letter e
+    ppl steer "Describe the sea to a child in one sentence." --max-word-length 5
 
 The prompt goes through the model's chat template; the constraint flags build one
 token-level automaton (their intersection), ``--reward`` adds a reward as a likelihood, and
@@ -24,9 +24,9 @@ from ppl import __version__
 
 EXAMPLES = """\
 examples (one per constraint kind; flags combine, their constraints intersect):
-  ppl steer "Name a fruit and say why you like it." --no-letter e
+  ppl steer "Describe the sea to a child in one sentence." --max-word-length 5
+  ppl steer "Write one sentence about a cat." --no-letter e
   ppl steer "When did the Berlin Wall fall? Answer with a date." --regex "[0-9]{4}-[0-9]{2}-[0-9]{2}"
-  ppl steer "Describe the sea to a child." --max-word-length 5
   ppl steer "Describe your day." --reward sentiment --beta 0.2      (needs: pip install 'ppl-jax[scorers]')
   ppl steer "Write a haiku about rain." --no-letter e --json > out.json
 

@@ -1,8 +1,10 @@
 """Packaging: lazy subpackages, one version, the command line's options, the compilation cache."""
 
+import re
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +58,14 @@ def test_compilation_cache_folder(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="cannot create the compilation cache folder"):
         ppl.enable_compilation_cache(tmp_path / "file" / "sub")
+
+
+def test_readme_links_stay_in_the_repository():
+    root = Path(__file__).resolve().parent.parent
+    targets = re.findall(r"\]\(([^)\s]+)\)", (root / "README.md").read_text(encoding="utf-8"))
+    assert targets
+    for target in targets:
+        if target.startswith(("https://", "http://")):
+            continue
+        path = (root / target.split("#")[0]).resolve()
+        assert path.is_relative_to(root) and path.exists(), f"README links to {target}, not a file of this repository"
