@@ -11,6 +11,7 @@ whether the move was accepted go to ``sample_stats``. Needs ``pip install 'ppl-j
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -53,4 +54,7 @@ def to_inference_data(result: MCMCResult, *, name: str = "theta", chains: bool |
         leaves = jax.tree_util.tree_flatten_with_path(result.samples)[0]
         posterior = {f"{name}{jax.tree_util.keystr(path)}": with_chain_axis(leaf) for path, leaf in leaves}
     stats = {"log_z": with_chain_axis(result.log_z), "accepted": with_chain_axis(result.accepted)}
-    return arviz.from_dict(posterior=posterior, sample_stats=stats)
+    with warnings.catch_warnings():
+        # ArviZ guesses the layout is wrong when chains outnumber draws; here it is explicit.
+        warnings.filterwarnings("ignore", message="More chains")
+        return arviz.from_dict(posterior=posterior, sample_stats=stats)
