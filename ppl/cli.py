@@ -208,7 +208,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("every particle was killed: no continuation satisfies the constraints (log Z = -inf)")
     for rank, answer in enumerate(report["answers"], 1):
         ending = "ended with EOS" if answer["ended_with_eos"] else "cut at --max-tokens"
-        lines.append(f"\n#{rank}  weight {answer['weight']:.3f}  ({answer['count']} particles, {ending})")
+        particles = f"{answer['count']} particle{'s' if answer['count'] != 1 else ''}"
+        lines.append(f"\n#{rank}  weight {answer['weight']:.3f}  ({particles}, {ending})")
         lines.append(answer["text"])
     n = report["particles"]
     seconds = report["seconds"]

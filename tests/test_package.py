@@ -69,3 +69,18 @@ def test_readme_links_stay_in_the_repository():
             continue
         path = (root / target.split("#")[0]).resolve()
         assert path.is_relative_to(root) and path.exists(), f"README links to {target}, not a file of this repository"
+
+
+def test_cli_report_says_how_each_answer_ended():
+    answers = [
+        {"text": "Calm sea.", "weight": 0.75, "count": 3, "ended_with_eos": True},
+        {"text": "The big", "weight": 0.25, "count": 1, "ended_with_eos": False},
+    ]
+    report = {
+        "prompt": "p", "all_dead": False, "answers": answers, "particles": 4, "log_z": -2.5, "ess": 3.2,
+        "distinct_answers": 2, "steps": 8, "tokens_per_second": 40.0, "seconds": {"first_token": 1.5, "total": 3.0},
+    }  # fmt: skip
+    text = cli.format_report(report)
+    assert "#1  weight 0.750  (3 particles, ended with EOS)\nCalm sea." in text
+    assert "#2  weight 0.250  (1 particle, cut at --max-tokens)\nThe big" in text
+    assert "log Z -2.50 | ESS 3.2/4" in text and text.endswith(cli.EXPLANATION)
