@@ -153,17 +153,29 @@ def steer(args: argparse.Namespace, started: float) -> int:
         require_eos=args.regex is not None,
     )
 
-    # No progress callback: a host callback would keep SMC out of the persistent cache.
     print("compiling SMC (a later run with the same shapes loads it from the cache) ...", file=sys.stderr)
-    result = smc(
-        program, jax.random.key(args.seed), args.particles, resampling=args.resampling,
-        ess_threshold=args.ess_threshold,
-    )
-    result.log_z.block_until_ready()
+    steps_per_update = 4
+    timing: dict[str, float] = {}
+    from tqdm.auto import tqdm
+
+    with tqdm(total=args.max_tokens, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+
+        def progress(steps: int, ess: Any, finished: Any) -> None:
+            if not timing:
+                # The first segment's compilation (or cache load) ends just before it runs.
+                timing["generating"] = max(_COMPILE_CLOCK.last, started)
+                segment_s = time.perf_counter() - timing["generating"]
+                timing["first_token"] = timing["generating"] + segment_s / steps_per_update
+            bar.update(steps - bar.n)
+            bar.set_postfix_str(f"ESS {float(ess):.1f}/{args.particles}, {int(finished)} finished")
+
+        result = smc(
+            program, jax.random.key(args.seed), args.particles, resampling=args.resampling,
+            ess_threshold=args.ess_threshold, progress=progress, progress_every=steps_per_update,
+        )
+        result.log_z.block_until_ready()
     end = time.perf_counter()
-    # Compilation (or loading it from the cache) finishes before the compiled SMC runs.
-    generating = max(_COMPILE_CLOCK.last, started)
-    first = generating + (end - generating) / max(int(result.n_steps), 1)
+    first, generating = timing.get("first_token", end), timing.get("generating", end)
     report = summarise(args, tokenizer, result, first - started, end - started, end - generating)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
