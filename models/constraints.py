@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 from ppl.lm import Tokenizer
-from ppl.models.regex_dfa import Limits, compile_regex
+from ppl.models.regex_dfa import Limits, compile_regex, first_of_each, group_rows
 
 DEAD = -1
 """The state of a particle that produced a forbidden token; it stays dead."""
@@ -229,28 +229,6 @@ def _walk(byte_table: np.ndarray, states: np.ndarray, trie: _Trie) -> np.ndarray
     return at[:, trie.token_node]
 
 
-def _refine(token_class: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """Split ``token_class`` so that tokens share a class only if their ``columns`` are also equal.
-
-    Columns are grouped by a random linear hash (one sort of ``V`` integers, where an exact
-    ``np.unique(axis=1)`` sorts ``V`` byte strings and is ~20x slower), then checked exactly;
-    a hash collision, however unlikely, falls back to the exact grouping.
-    """
-    weights = np.random.default_rng(0).integers(1, 2**63, size=(len(columns) + 1, 1), dtype=np.uint64) | 1
-    keyed = np.vstack([token_class[None], columns]).astype(np.uint64) + np.uint64(1)
-    refined = np.unique((keyed * weights).sum(axis=0, dtype=np.uint64), return_inverse=True)[1].reshape(-1)
-    if not (keyed == keyed[:, _first_of_each(refined)[refined]]).all():
-        refined = np.unique(keyed, axis=1, return_inverse=True)[1].reshape(-1)
-    return refined
-
-
-def _first_of_each(token_class: np.ndarray) -> np.ndarray:
-    """The first token of each class ``0..C-1``."""
-    first = np.empty(token_class.max() + 1, np.int64)
-    first[token_class[::-1]] = np.arange(len(token_class))[::-1]
-    return first
-
-
 def _from_byte_table(byte_table: np.ndarray, initial: int, accepting: np.ndarray, tokenizer: Tokenizer,
                      what: str) -> TokenDFA:
     """Lift a ``[S, 256]`` byte DFA to tokens: a token leads wherever its bytes, read one by one, lead.
@@ -266,10 +244,10 @@ def _from_byte_table(byte_table: np.ndarray, initial: int, accepting: np.ndarray
     states = np.arange(byte_table.shape[0])
     for chunk in np.array_split(states, -(-len(states) // _STATES_PER_CHUNK)):
         walked = _walk(byte_table, chunk, trie)
-        token_class = _refine(token_class, walked)
-        pieces.append((walked[:, _first_of_each(token_class)], token_class))
+        token_class = group_rows(np.vstack([token_class[None], walked]).T)
+        pieces.append((walked[:, first_of_each(token_class)], token_class))
     # Classes only split, so a token of a final class reads, in each chunk, its class's column there.
-    representative = _first_of_each(token_class)
+    representative = first_of_each(token_class)
     table = np.concatenate([columns[:, classes[representative]] for columns, classes in pieces])
     return _compress(table, token_class, accepting, initial, tokenizer.eos_token_id, _never(tokenizer), what)
 
