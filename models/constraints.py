@@ -205,7 +205,11 @@ class _Trie(NamedTuple):
 
 @lru_cache(maxsize=4)
 def _trie(spellings: tuple[bytes, ...]) -> _Trie:
-    prefixes = sorted({data[:end] for data in spellings for end in range(len(data) + 1)}, key=lambda p: (len(p), p))
+    by_length: list[set[bytes]] = [set() for _ in range(max(map(len, spellings)) + 1)]
+    for data in spellings:
+        for end in range(len(data) + 1):
+            by_length[end].add(data[:end])
+    prefixes = [prefix for level in by_length for prefix in sorted(level)]  # sorting bytes needs no key: fast
     node = {prefix: n for n, prefix in enumerate(prefixes)}
     parent = np.array([node[p[:-1]] if p else 0 for p in prefixes])
     byte = np.array([p[-1] if p else 0 for p in prefixes], np.uint8)
