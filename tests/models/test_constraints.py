@@ -30,6 +30,10 @@ PATTERNS = {
              ['{"name": "ada", "age": 36}', '{"name": "abcdefghij", "age": 7}'],
              ['{"name": "Ada", "age": 36}', '{"name": "ada", "age": 365}', '{"name": "", "age": 3}',
               '{"name": "abcdefghijk", "age": 1}']),
+    # A repeated group holding a space: outlines-core 0.2.14 (the route before) rejected "fig, fig".
+    "fruits": (r"(apple|fig|grape)(, (apple|fig|grape)){0,2}",
+               ["fig", "fig, fig", "apple, grape, fig"],
+               ["fig, fig, fig, fig", "fig,fig", "fig, "]),
 }
 
 
