@@ -364,5 +364,6 @@ def compile_regex(pattern: str, limits: Limits = Limits()) -> ByteDFA:
                  "minimal DFA states": limits.minimal_states, "seconds": limits.seconds}[exceeded.args[0]]
         raise ValueError(f"regex {pattern!r} is too costly to compile: it needs more than {limit} "
                          f"{exceeded.args[0]}; the costly construct is {_blame(pattern, tree)}. "
-                         f"Bound the repetition more tightly or split the constraint.") from None
+                         f"Bound the repetition more tightly, split the constraint, or compute masks "
+                         f"lazily on the host (ppl.models.grammar.lazy_regex).") from None
     return dfa
