@@ -4,20 +4,24 @@ the embedded SmolLM2 default (``ppl.models.smollm2()``), token-level constraints
 and toy models with exact answers (``ppl.models.toy``)."""
 
 from ppl.models import constraints, toy
+from ppl.models import grammar
 from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
+from ppl.models.grammar import HostConstraint
 from ppl.models.llama import KVCache, Llama, LlamaConfig
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
 from ppl.models.tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError",
+    "HostConstraint",
     "KVCache",
     "Llama",
     "LlamaConfig",
     "TokenDFA",
     "Tokenizer",
     "constraints",
+    "grammar",
     "load_gguf",
     "load_hf_checkpoint",
     "smollm2",
