@@ -114,8 +114,21 @@ def steer(args: argparse.Namespace) -> int:
     result.log_z.block_until_ready()
     end = time.perf_counter()
     bar.close()
+    if bool(result.all_dead):
+        print(_all_dead_message(args, constraint), file=sys.stderr)
+        return 1
     _report(args, tokenizer, result, end - (first_step[0] if first_step else start), end - start)
     return 0
+
+
+def _all_dead_message(args: argparse.Namespace, constraint) -> str:
+    """One line: what was impossible and what to relax (the budget or the constraint)."""
+    if constraint is not None and args.regex is not None and constraint.min_tokens + 1 > args.max_tokens:
+        return (f"no answer: the shortest text the constraints accept takes {constraint.min_tokens} tokens plus EOS, "
+                f"more than --max-tokens {args.max_tokens}; raise --max-tokens to at least {constraint.min_tokens + 1}")
+    return (f"no answer: all {args.particles} particles violated the constraints within {args.max_tokens} tokens "
+            f"(proposal {args.proposal}); relax the constraint or raise --max-tokens"
+            + (", or use --proposal locally_optimal" if args.proposal == "prior" else ""))
 
 
 def _report(args, tokenizer, result, generation_seconds: float, total_seconds: float) -> None:
@@ -130,8 +143,6 @@ def _report(args, tokenizer, result, generation_seconds: float, total_seconds: f
             merged[text] = merged.get(text, 0.0) + weight
     steps = int(result.n_steps)
     print(f"\nprompt: {args.prompt!r}")
-    if bool(result.all_dead):
-        print("every particle was killed: no continuation satisfies the constraints (log Z = -inf)")
     for rank, (text, weight) in enumerate(sorted(merged.items(), key=lambda item: -item[1])[: args.show], 1):
         print(f"\n#{rank}  weight {weight:.3f}\n{text}")
     print(
