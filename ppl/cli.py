@@ -91,6 +91,9 @@ def steer(args: argparse.Namespace) -> int:
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     constraint = _constraint(args, tokenizer)
+    if _too_short(args, constraint):  # known before running: say so without compiling anything
+        print(_all_dead_message(args, constraint), file=sys.stderr)
+        return 1
     program = ppl.Generation(
         lm, np.asarray(prompt, np.int32), args.max_tokens, tokenizer.eos_token_id,
         constraint=constraint, potentials=_potentials(args, tokenizer), proposal=args.proposal,
@@ -121,9 +124,14 @@ def steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _too_short(args: argparse.Namespace, constraint) -> bool:
+    """Whether the budget cannot hold the shortest accepted answer plus EOS (``--regex`` needs EOS)."""
+    return constraint is not None and args.regex is not None and constraint.min_tokens + 1 > args.max_tokens
+
+
 def _all_dead_message(args: argparse.Namespace, constraint) -> str:
     """One line: what was impossible and what to relax (the budget or the constraint)."""
-    if constraint is not None and args.regex is not None and constraint.min_tokens + 1 > args.max_tokens:
+    if _too_short(args, constraint):
         return (f"no answer: the shortest text the constraints accept takes {constraint.min_tokens} tokens plus EOS, "
                 f"more than --max-tokens {args.max_tokens}; raise --max-tokens to at least {constraint.min_tokens + 1}")
     return (f"no answer: all {args.particles} particles violated the constraints within {args.max_tokens} tokens "
