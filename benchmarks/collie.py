@@ -2,8 +2,9 @@
 
 Six sentence templates in the style of COLLIE (Yao et al. 2023), each instance seeded (topic,
 numbers and words drawn from ``--seed``), written as regexes compiled by
-``ppl.models.constraints.regex`` (one task's several regexes intersected), the answer required
-to end with EOS within ``BUDGET`` = 48 new tokens:
+``ppl.models.constraints.regex`` (one task's several regexes intersected; the character count
+as a byte DFA through ``from_char_dfa``, which outlines-core is too slow for today), the answer
+required to end with EOS within ``BUDGET`` = 48 new tokens:
 
 - ``char_count``: exactly n characters (30..60), a capital first, a period last;
 - ``word_positions``: 8 words, the 3rd and the 8th given;
