@@ -35,9 +35,14 @@ steps only. ``max_chunks`` ends a sequence after that many delimiters, whatever 
 
 Trajectories: the site ``"token"`` (``[N]`` per step) or ``"chunk"``; ``init`` draws nothing.
 
-``require_eos=True`` restricts the target to sequences that end with EOS within the limit
-(the last slot may only hold EOS); without it a sequence cut at the limit is kept as is,
-which is the LM's own distribution of its first ``max_new_tokens`` tokens.
+``require_eos=True`` restricts the target to sequences that end with EOS within the limit;
+without it a sequence cut at the limit is kept as is, which is the LM's own distribution of
+its first ``max_new_tokens`` tokens (and a constraint only asks that the cut text can still
+be completed). Under ``require_eos`` the masks are budget-aware (``allowed``): a token after
+which the constraint cannot accept, plus EOS, within the tokens left is masked. Those
+sequences have zero target mass already, so Z and the posterior do not change, and the
+locally optimal proposal never walks into a dead end; ``ppl.AcceptanceTwist`` adds the
+automaton's look-ahead as a twist.
 """
 
 from __future__ import annotations
