@@ -44,6 +44,9 @@ from ppl.lm import Tokenizer
 DEAD = -1
 """The state of a particle that produced a forbidden token; it stays dead."""
 
+UNREACHABLE = 2**30
+"""The distance to acceptance of a forbidden token or a dead state: more than any budget."""
+
 
 class TokenDFA(eqx.Module):
     """A token-level DFA; see the module docstring for the table layout and EOS rule.
@@ -117,11 +120,11 @@ class TokenDFA(eqx.Module):
     def tokens_to_accept(self, state: Int[ArrayLike, ""]) -> Int[Array, " V"]:
         """For every next token, the fewest further tokens (EOS excluded) from the state it
         leads to until the text is accepted; EOS counts ``0`` in an accepting state. A token
-        the state forbids (or any token, in the dead state) gets the unreachable value ``S``,
-        the number of states, which exceeds every real distance."""
+        the state forbids (or any token, in the dead state) gets ``UNREACHABLE``, more than
+        any budget."""
         state = jnp.asarray(state, jnp.int32)
         row = jnp.maximum(state, 0)
-        unreachable = self.transitions.shape[0]
+        unreachable = UNREACHABLE
         following = self.transitions[row]  # [C]: one gather per class, then one over tokens
         per_class = jnp.where(following >= 0, self.steps_to_accept[jnp.maximum(following, 0)], unreachable)
         distance = per_class[self.token_class]
@@ -141,18 +144,16 @@ class TokenDFA(eqx.Module):
 
 @jax.jit  # one compilation per table shape, however many constraints are built
 def _steps_to_accept(table: Int[Array, "S C"], accepting: Bool[Array, " S"]) -> Int[Array, " S"]:
-    """The fewest tokens from each state to an accepting state (``S`` where none): Bellman-Ford
+    """The fewest tokens from each state to an accepting state (``UNREACHABLE`` where none): Bellman-Ford
     rounds over the ``[S, C]`` table until nothing shrinks, one gather each, as many rounds
     as the longest distance. Pure JAX, so a table built under ``jit`` works too."""
-    n_states = table.shape[0]
-
     def relax(carry):
         distance, _ = carry
-        via = jnp.where(table >= 0, distance[jnp.maximum(table, 0)] + 1, n_states)
-        shorter = jnp.minimum(distance, via.min(axis=1, initial=n_states))
+        via = jnp.where(table >= 0, jnp.minimum(distance[jnp.maximum(table, 0)] + 1, UNREACHABLE), UNREACHABLE)
+        shorter = jnp.minimum(distance, via.min(axis=1, initial=UNREACHABLE))
         return shorter, jnp.any(shorter != distance)
 
-    start = jnp.where(accepting, 0, n_states).astype(jnp.int32)
+    start = jnp.where(accepting, 0, UNREACHABLE).astype(jnp.int32)
     return jax.lax.while_loop(lambda carry: carry[1], relax, (start, jnp.asarray(True)))[0]
 
 

@@ -73,6 +73,9 @@ def test_budget_mask_allows_exactly_the_tokens_that_can_still_finish(pattern):
                                for n in range(text_left) for suffix in itertools.product(TEXT_TOKENS, repeat=n))
                 assert within[token] == finishes, (body, token)
             stricter += int((np.asarray(dfa.mask(state)) & ~within).sum())
+            # However large the budget, a forbidden token stays forbidden (distances of
+            # forbidden tokens once fell below a long budget).
+            assert not np.any(np.asarray(dfa.mask_within(state, 10**6)) & ~np.asarray(dfa.mask(state)))
     assert stricter > 0
 
 
