@@ -34,6 +34,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
@@ -42,6 +43,9 @@ from ppl.models.regex_dfa import Limits, compile_regex, first_of_each, group_row
 
 DEAD = -1
 """The state of a particle that produced a forbidden token; it stays dead."""
+
+UNREACHABLE = 2**30
+"""The distance to acceptance of a forbidden token or a dead state: more than any budget."""
 
 
 class TokenDFA(eqx.Module):
@@ -56,6 +60,11 @@ class TokenDFA(eqx.Module):
     accepting: Bool[Array, " S"]
     initial: int = eqx.field(static=True)
     eos_token_id: int = eqx.field(static=True)
+    steps_to_accept: Int[Array, " S"] = None  # type: ignore[assignment]  # computed from the table
+
+    def __post_init__(self) -> None:
+        if self.steps_to_accept is None:
+            self.steps_to_accept = _steps_to_accept(jnp.asarray(self.transitions), jnp.asarray(self.accepting))
 
     def __check_init__(self) -> None:
         n_states = self.transitions.shape[0]
@@ -102,8 +111,53 @@ class TokenDFA(eqx.Module):
         """Whether ``state`` is the dead state (no continuation can satisfy the constraint)."""
         return jnp.asarray(state) < 0
 
+    # --- the token budget: how far each state is from acceptance ---------------------------
+
+    @property
+    def min_tokens(self) -> int:
+        """The fewest tokens (EOS excluded) of any accepted text: with ``require_eos`` a
+        generation needs ``max_new_tokens >= min_tokens + 1``."""
+        return int(self.steps_to_accept[self.initial])
+
+    def tokens_to_accept(self, state: Int[ArrayLike, ""]) -> Int[Array, " V"]:
+        """For every next token, the fewest further tokens (EOS excluded) from the state it
+        leads to until the text is accepted; EOS counts ``0`` in an accepting state. A token
+        the state forbids (or any token, in the dead state) gets ``UNREACHABLE``, more than
+        any budget."""
+        state = jnp.asarray(state, jnp.int32)
+        row = jnp.maximum(state, 0)
+        unreachable = UNREACHABLE
+        following = self.transitions[row]  # [C]: one gather per class, then one over tokens
+        per_class = jnp.where(following >= 0, self.steps_to_accept[jnp.maximum(following, 0)], unreachable)
+        distance = per_class[self.token_class]
+        distance = distance.at[self.eos_token_id].set(jnp.where(self.accepting[row], 0, unreachable))
+        return jnp.where(state >= 0, distance, unreachable)
+
+    def mask_within(self, state: Int[ArrayLike, ""], n_tokens: Int[ArrayLike, ""]) -> Bool[Array, " V"]:
+        """:meth:`mask` restricted to what can still finish: a text token is allowed when the
+        text can be accepted within ``n_tokens`` text tokens counting this one; EOS, when the
+        state accepts (whatever ``n_tokens``, even ``0``)."""
+        distance = self.tokens_to_accept(state)
+        allowed = distance <= jnp.asarray(n_tokens) - 1
+        return allowed.at[self.eos_token_id].set(self.is_accepting(state))
+
 
 # --- compression: the one place a host table becomes a TokenDFA --------------------------------
+
+@jax.jit  # one compilation per table shape, however many constraints are built
+def _steps_to_accept(table: Int[Array, "S C"], accepting: Bool[Array, " S"]) -> Int[Array, " S"]:
+    """The fewest tokens from each state to an accepting state (``UNREACHABLE`` where none): Bellman-Ford
+    rounds over the ``[S, C]`` table until nothing shrinks, one gather each, as many rounds
+    as the longest distance. Pure JAX, so a table built under ``jit`` works too."""
+    def relax(carry):
+        distance, _ = carry
+        via = jnp.where(table >= 0, jnp.minimum(distance[jnp.maximum(table, 0)] + 1, UNREACHABLE), UNREACHABLE)
+        shorter = jnp.minimum(distance, via.min(axis=1, initial=UNREACHABLE))
+        return shorter, jnp.any(shorter != distance)
+
+    start = jnp.where(accepting, 0, UNREACHABLE).astype(jnp.int32)
+    return jax.lax.while_loop(lambda carry: carry[1], relax, (start, jnp.asarray(True)))[0]
+
 
 def _live_states(table: np.ndarray, accepting: np.ndarray, initial: int, what: str) -> np.ndarray:
     """States reachable from ``initial`` that can reach an accepting state, in BFS order from it."""

@@ -147,6 +147,9 @@ def steer(args: argparse.Namespace, started: float) -> int:
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     constraint = _constraint(args, tokenizer)
+    if _too_short(args, constraint):  # known before running: say so without compiling anything
+        print(_all_dead_message(args, constraint), file=sys.stderr)
+        return 1
     program = ppl.Generation(
         lm, np.asarray(prompt, np.int32), args.max_tokens, tokenizer.eos_token_id,
         constraint=constraint, potentials=_potentials(args, tokenizer), proposal=args.proposal,
@@ -177,8 +180,26 @@ def steer(args: argparse.Namespace, started: float) -> int:
     end = time.perf_counter()
     first, generating = timing.get("first_token", end), timing.get("generating", end)
     report = summarise(args, tokenizer, result, first - started, end - started, end - generating)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    if report["all_dead"]:
+        print(_all_dead_message(args, constraint), file=sys.stderr)
+    if args.json or not report["all_dead"]:
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["all_dead"] else 0
+
+
+def _too_short(args: argparse.Namespace, constraint) -> bool:
+    """Whether the budget cannot hold the shortest accepted answer plus EOS (``--regex`` needs EOS)."""
+    return constraint is not None and args.regex is not None and constraint.min_tokens + 1 > args.max_tokens
+
+
+def _all_dead_message(args: argparse.Namespace, constraint) -> str:
+    """One line: what was impossible and what to relax (the budget or the constraint)."""
+    if _too_short(args, constraint):
+        return (f"no answer: the shortest text the constraints accept takes {constraint.min_tokens} tokens plus EOS, "
+                f"more than --max-tokens {args.max_tokens}; raise --max-tokens to at least {constraint.min_tokens + 1}")
+    return (f"no answer: all {args.particles} particles violated the constraints within {args.max_tokens} tokens "
+            f"(proposal {args.proposal}); relax the constraint or raise --max-tokens"
+            + (", or use --proposal locally_optimal" if args.proposal == "prior" else ""))
 
 
 def summarise(args, tokenizer, result, first_token_s: float, total_s: float, generation_s: float) -> dict[str, Any]:
@@ -216,8 +237,6 @@ def summarise(args, tokenizer, result, first_token_s: float, total_s: float, gen
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable report: each distinct answer with its weight and how it ended."""
     lines = [f"\nprompt: {report['prompt']!r}"]
-    if report["all_dead"]:
-        lines.append("every particle was killed: no continuation satisfies the constraints (log Z = -inf)")
     for rank, answer in enumerate(report["answers"], 1):
         ending = "ended with EOS" if answer["ended_with_eos"] else "cut at --max-tokens"
         particles = f"{answer['count']} particle{'s' if answer['count'] != 1 else ''}"
