@@ -102,7 +102,10 @@ class Move(Protocol):
 
 def effective_sample_size(log_weights: Float[Array, " N"]) -> Float[Array, ""]:
     """``(sum w)^2 / sum w^2``; zero when every weight is zero."""
-    ess = jnp.exp(2 * jax.nn.logsumexp(log_weights) - jax.nn.logsumexp(2 * log_weights))
+    # Shift-invariant; centring on the largest weight keeps the difference below exact in
+    # float32 when log-weights are in the hundreds (an LM's summed log-probabilities).
+    centred = log_weights - jnp.max(log_weights)
+    ess = jnp.exp(2 * jax.nn.logsumexp(centred) - jax.nn.logsumexp(2 * centred))
     return jnp.where(jnp.isfinite(ess), ess, 0.0)
 
 
