@@ -8,10 +8,16 @@ from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
 from ppl.models.llama import KVCache, Llama, LlamaConfig
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
+from ppl.models.memory import InsufficientMemoryError, MemoryEstimate, available_memory, check_memory, estimate_memory
 from ppl.models.tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError",
+    "InsufficientMemoryError",
+    "MemoryEstimate",
+    "available_memory",
+    "check_memory",
+    "estimate_memory",
     "KVCache",
     "Llama",
     "LlamaConfig",

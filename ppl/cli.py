@@ -80,8 +80,9 @@ def steer(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import ppl
+    from ppl.distributions import check_prompt
     from ppl.inference import smc
-    from ppl.models import smollm2
+    from ppl.models import InsufficientMemoryError, check_memory, smollm2
 
     start = time.perf_counter()
     print("loading SmolLM2-135M-Instruct ...", file=sys.stderr)
@@ -90,6 +91,10 @@ def steer(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    try:  # refuse impossible work before building constraints and compiling, not as an XLA allocation error after
+        check_memory(lm, args.particles, check_prompt(np.asarray(prompt), args.max_tokens))
+    except InsufficientMemoryError as error:
+        raise SystemExit(f"ppl steer: {error} (--particles, --max-tokens)") from None
     constraint = _constraint(args, tokenizer)
     program = ppl.Generation(
         lm, np.asarray(prompt, np.int32), args.max_tokens, tokenizer.eos_token_id,
