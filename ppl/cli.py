@@ -12,9 +12,11 @@ estimate. This is an application entry point, so unlike the rest of ``ppl/`` it 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,11 +114,10 @@ def steer(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(ess=f"{float(ess):.1f}", finished=f"{int(n_finished)}/{args.particles}")
 
-    result = smc(
+    result = _interruptible(lambda: jax.block_until_ready(smc(
         program, jax.random.key(args.seed), args.particles, resampling=args.resampling,
         ess_threshold=args.ess_threshold, progress=progress,
-    )
-    result.log_z.block_until_ready()
+    )))
     end = time.perf_counter()
     bar.close()
     _report(args, tokenizer, result, end - (first_step[0] if first_step else start), end - start)
@@ -146,11 +147,39 @@ def _report(args, tokenizer, result, generation_seconds: float, total_seconds: f
     )
 
 
+def _interruptible(work: Callable[[], Any]) -> Any:
+    """``work()`` on a worker thread while the main thread waits in short slices: compiling and
+    running an XLA loop do not return to Python until they end, so a Ctrl-C would otherwise wait
+    for the whole run."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # noqa: BLE001 -- handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="ppl-steer", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.particles < 1:
         raise SystemExit("--particles must be at least 1")
-    return steer(args)
+    try:
+        return steer(args)
+    except KeyboardInterrupt:
+        print("\nppl: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # A compiled loop may still be running on the worker thread and cannot be cancelled;
+        # leave at once rather than wait for it at interpreter shutdown.
+        os._exit(130)
 
 
 if __name__ == "__main__":
