@@ -9,7 +9,8 @@ full ``load_gguf`` / ``load_hf_checkpoint``. The outcome must be one of:
 - ``CheckpointError`` naming the file (counted by cause);
 - a model identical to the original (the corruption hit padding or an unused metadata value);
 - for a bit flip inside tensor *data* only (or a safetensors dtype relabelled F16 <-> BF16,
-  which reinterprets the same bytes): finite but different values. Neither format stores a
+  which reinterprets the same bytes, or a GGUF flip inside the float value of
+  ``rms_norm_eps`` / ``rope.freq_base``): finite but different values. Neither format stores a
   checksum, so this is undetectable; flips to NaN/Inf are caught. These are counted apart and
   are out of scope.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import re
 import signal
@@ -97,7 +99,7 @@ def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], drop: str | None
 def load_gguf_tensors(path: Path) -> dict[str, np.ndarray]:
     """``load_gguf``'s path up to the model build: parse, config, every checked tensor."""
     config, tensor = gguf_hf_tensors(read_gguf(path))
-    return {name: tensor(name) for name in hf_shapes(config)}
+    return {"config": config} | {name: tensor(name) for name in hf_shapes(config)}
 
 
 def load_safetensors_tensors(directory: Path) -> dict[str, np.ndarray]:
@@ -111,7 +113,7 @@ def load_safetensors_tensors(directory: Path) -> dict[str, np.ndarray]:
         return readers[name]()
 
     checked = checked_tensors(config, tensor, directory, CheckpointError)
-    return {name: checked(name) for name in hf_shapes(config)}
+    return {"config": config} | {name: checked(name) for name in hf_shapes(config)}
 
 
 @contextlib.contextmanager
@@ -152,14 +154,29 @@ class Tally:
         except Exception as error:  # noqa: BLE001 -- anything else is a loader bug
             self.failures.append(f"{label}: {type(error).__name__}: {error}")
             return
-        same = loaded.keys() == original.keys() and all(np.array_equal(loaded[k], original[k]) for k in original)
+        same = loaded.keys() == original.keys() and all(_equal(loaded[k], original[k]) for k in original)
         if same:
             self.counts[f"{mutation} -> no effect (identical model)"] += 1
         elif data_only:
             self.counts[f"{mutation} -> finite data change (undetectable, out of scope)"] += 1
+        elif _only_float_constants_differ(loaded, original):
+            self.counts[f"{mutation} -> rms_norm_eps / rope_theta value changed (undetectable, out of scope)"] += 1
         else:
-            differing = sorted(k for k in original if k not in loaded or not np.array_equal(loaded[k], original[k]))
+            differing = sorted(k for k in original if k not in loaded or not _equal(loaded[k], original[k]))
             self.failures.append(f"{label} ({mutation}): loaded as a different model; differs in {differing[:3]}")
+
+
+def _only_float_constants_differ(loaded: dict, original: dict) -> bool:
+    """A flip inside a float metadata value (epsilon, rope base) gives another valid value:
+    as undetectable without a checksum as a flip inside tensor data."""
+    if any(not _equal(loaded[k], original[k]) for k in original if k != "config"):
+        return False
+    a, b = loaded["config"], original["config"]
+    return dataclasses.replace(a, rms_norm_eps=b.rms_norm_eps, rope_theta=b.rope_theta) == b
+
+
+def _equal(a, b) -> bool:
+    return a == b if isinstance(a, LlamaConfig) else np.array_equal(a, b)
 
 
 def flip_bit(data: bytes, position: int, bit: int) -> bytes:
@@ -235,7 +252,7 @@ def test_safetensors_fuzz(workdir):
     safetensors.numpy.save_file({k: (v.astype(np.float16) if i % 3 == 1 else v) for i, (k, v) in enumerate(tensors.items())},
                                 base_file)
     base = base_file.read_bytes()
-    original = {k: v.copy() for k, v in load_safetensors_tensors(directory).items()}  # the file is rewritten below
+    original = {k: (v if k == "config" else v.copy()) for k, v in load_safetensors_tensors(directory).items()}  # the file is rewritten below
     header_size = struct.unpack("<Q", base[:8])[0]
     header = json.loads(base[8 : 8 + header_size])
     names = [k for k in header if k != "__metadata__"]
