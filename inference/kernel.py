@@ -223,7 +223,7 @@ def resample(
     if when is True:
         return gather(state)[::-1]
     # cond, not select: the gather touches every state leaf (a KV cache, for an LM).
-    ancestors, state = jax.lax.cond(when, gather, lambda s: (jnp.arange(n), s), state)
+    ancestors, state = jax.lax.cond(when, gather, lambda s: (jnp.arange(n, dtype=jnp.int32), s), state)
     return state, ancestors
 
 
@@ -286,7 +286,7 @@ def idle(state: SMCState) -> SMCInfo:
     """The record of a step that did not run (every particle finished or dead)."""
     n = n_particles_of(state)
     nothing = jax.tree.map(jnp.zeros_like, state.choices)
-    return SMCInfo(jnp.asarray(float(n), state.ess.dtype), jnp.arange(n), jnp.asarray(False), nothing, jnp.zeros(()))
+    return SMCInfo(jnp.asarray(float(n), state.ess.dtype), jnp.arange(n, dtype=jnp.int32), jnp.asarray(False), nothing, jnp.zeros(()))
 
 
 def rejuvenate(
