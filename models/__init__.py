@@ -10,11 +10,17 @@ from ppl.models.embedded import smollm2, smollm2_path
 from ppl.models.grammar import HostConstraint
 from ppl.models.llama import KVCache, Llama, LlamaConfig
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
+from ppl.models.memory import InsufficientMemoryError, MemoryEstimate, available_memory, check_memory, estimate_memory
 from ppl.models.tokenizer import Tokenizer
 
 __all__ = [
     "CheckpointError",
     "HostConstraint",
+    "InsufficientMemoryError",
+    "MemoryEstimate",
+    "available_memory",
+    "check_memory",
+    "estimate_memory",
     "KVCache",
     "Llama",
     "LlamaConfig",

@@ -15,7 +15,10 @@ SmolLM, Llama 3, Qwen2, ...), where every token spells a byte string in GPT-2's 
 ``vocab_bytes[i]`` is ``b""`` for every id in ``special_ids``, so byte-level constraints never
 mistake ``<|im_end|>`` for the seven characters it is written with. ``encode`` still recognises
 them written out in the text (that is how a chat template's markup becomes ids), and ``decode``
-writes them out again unless asked to skip them, so ``decode(encode(s)) == s``.
+writes them out again unless asked to skip them, so ``decode(encode(s)) == s`` for every text
+the vocabulary can spell. A byte-level vocabulary may lack some single-byte tokens (SmolLM2
+has none for six control characters and for 0xF1, 0xF2, the lead bytes of Unicode planes
+4-11); BPE drops such bytes, exactly as the reference ``tokenizers`` conversion does.
 
 **Splitting text before BPE** is what differs between model families: the merges were learned
 on text cut by one regex, and ids match the reference only when text is cut the same way. A

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ppl import __version__
@@ -134,8 +136,9 @@ def steer(args: argparse.Namespace, started: float) -> int:
     import jax
     import numpy as np
     import ppl
+    from ppl.distributions import check_prompt
     from ppl.inference import smc
-    from ppl.models import smollm2
+    from ppl.models import InsufficientMemoryError, check_memory, smollm2
 
     if not args.no_cache:
         ppl.enable_compilation_cache(args.cache_dir)
@@ -146,6 +149,10 @@ def steer(args: argparse.Namespace, started: float) -> int:
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    try:  # refuse impossible work before building constraints and compiling, not as an XLA allocation error after
+        check_memory(lm, args.particles, check_prompt(np.asarray(prompt), args.max_tokens))
+    except InsufficientMemoryError as error:
+        raise SystemExit(f"ppl steer: {error} (--particles, --max-tokens)") from None
     constraint = _constraint(args, tokenizer)
     if _too_short(args, constraint):  # known before running: say so without compiling anything
         print(_all_dead_message(args, constraint), file=sys.stderr)
@@ -172,11 +179,10 @@ def steer(args: argparse.Namespace, started: float) -> int:
             bar.update(steps - bar.n)
             bar.set_postfix_str(f"ESS {float(ess):.1f}/{args.particles}, {int(finished)} finished")
 
-        result = smc(
+        result = _interruptible(lambda: jax.block_until_ready(smc(
             program, jax.random.key(args.seed), args.particles, resampling=args.resampling,
             ess_threshold=args.ess_threshold, progress=progress, progress_every=steps_per_update,
-        )
-        result.log_z.block_until_ready()
+        )))
     end = time.perf_counter()
     first, generating = timing.get("first_token", end), timing.get("generating", end)
     report = summarise(args, tokenizer, result, first - started, end - started, end - generating)
@@ -253,6 +259,27 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _interruptible(work: Callable[[], Any]) -> Any:
+    """``work()`` on a worker thread while the main thread waits in short slices: compiling and
+    running an XLA loop do not return to Python until they end, so a Ctrl-C would otherwise wait
+    for the whole run."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # noqa: BLE001 -- handed to the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="ppl-steer", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ppl`` command (``ppl --help``)."""
     started = time.perf_counter()
@@ -261,7 +288,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--particles must be at least 1")
     if args.max_tokens < 1:
         raise SystemExit("--max-tokens must be at least 1")
-    return steer(args, started)
+    try:
+        return steer(args, started)
+    except KeyboardInterrupt:
+        print("\nppl: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # A compiled loop may still be running on the worker thread and cannot be cancelled;
+        # leave at once rather than wait for it at interpreter shutdown.
+        os._exit(130)
 
 
 if __name__ == "__main__":
