@@ -18,10 +18,13 @@ Resampler = Callable[[PRNGKeyArray, Float[Array, " N"], int], Int[Array, " n"]]
 
 
 def _inverse_cdf(log_weights: Float[Array, " N"], uniforms: Float[Array, " n"]) -> Int[Array, " n"]:
-    """Indices ``i`` with ``cdf[i-1] <= u < cdf[i]`` for sorted or unsorted ``u`` in [0, 1)."""
-    cdf = jnp.cumsum(jax.nn.softmax(log_weights))
-    # Rounding can leave cdf[-1] a little below 1: clip so u never falls off the end.
-    return jnp.minimum(jnp.searchsorted(cdf, uniforms, side="right"), log_weights.shape[0] - 1).astype(jnp.int32)
+    """Indices ``i`` with ``cdf[i-1] <= u < cdf[i]`` for sorted or unsorted ``u`` in [0, 1]."""
+    probabilities = jax.nn.softmax(log_weights)
+    cdf = jnp.cumsum(probabilities)
+    # Rounding can leave cdf[-1] below a uniform (and (n-1+U)/n can round up to 1): such a u
+    # belongs to the last particle of positive weight, never to a zero-weight one after it.
+    last_alive = log_weights.shape[0] - 1 - jnp.argmax(probabilities[::-1] > 0)
+    return jnp.minimum(jnp.searchsorted(cdf, uniforms, side="right"), last_alive).astype(jnp.int32)
 
 
 def multinomial(key: PRNGKeyArray, log_weights: Float[Array, " N"], n: int) -> Int[Array, " n"]:
