@@ -7,10 +7,14 @@ from ppl.models import constraints, toy
 from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
 from ppl.models.llama import KVCache, Llama, LlamaConfig
+from ppl.models.heads import ProposalHead, TwistHead, with_twist
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
 from ppl.models.tokenizer import Tokenizer
 
 __all__ = [
+    "ProposalHead",
+    "TwistHead",
+    "with_twist",
     "CheckpointError",
     "KVCache",
     "Llama",

@@ -117,5 +117,17 @@ def enumerate_posterior(lm: Llama, prompt: Any = PROMPT) -> dict[tuple[int, ...]
     return log_gamma
 
 
+def posterior_choices(exact: dict[tuple[int, ...], float], key: jax.Array, n: int) -> dict[str, Array]:
+    """``n`` exact posterior draws from ``exact`` (:func:`enumerate_posterior`) as trajectories
+    of :func:`tiny_generation` (``{"token": [n, MAX_NEW + 1]}``: column 0 is ``init``'s,
+    then the tokens, EOS, zeros once finished), for conditional SMC and ``ppl.inference.ctl``."""
+    bodies = list(exact)
+    rows = np.zeros((len(bodies), MAX_NEW + 1), np.int32)
+    for i, body in enumerate(bodies):
+        rows[i, 1 : len(body) + 2] = body + (EOS,)
+    index = jax.random.categorical(key, jnp.array(list(exact.values())), shape=(n,))
+    return {"token": jnp.asarray(rows)[index]}
+
+
 def _text(body: tuple[int, ...]) -> str:
     return b"".join(VOCAB[v] for v in body).decode()
