@@ -137,4 +137,4 @@ def test_score_function_gradients_are_unbiased(setup):
         expected = project(jax.grad(truth)(head))
         mean, se = samples.mean(0), samples.std(0, ddof=1) / np.sqrt(SEEDS)
         print(name, np.round(np.asarray((mean - expected) / se), 2))
-        assert np.all(np.abs(mean - expected) < 3 * se), (name, mean, expected, se)
+        assert np.all(np.abs(mean - expected) <= 3 * se), (name, mean, expected, se)  # = for masked tokens: both 0
