@@ -6,6 +6,7 @@ properly weighted result (see ``ppl.SMCResult``), or consumes one (PIMH, VI boun
 """
 
 from ppl.inference import kernel, resampling
+from ppl.inference.arviz import to_inference_data
 from ppl.inference.gibbs import PGInfo, PGState, conditional_smc, particle_gibbs, particle_gibbs_init, particle_gibbs_step
 from ppl.inference.kernel import Reference, SMCInfo, SMCState, effective_sample_size
 from ppl.inference.mcmc import PIMHInfo, PIMHState, pimh, pimh_init, pimh_step
@@ -58,4 +59,5 @@ __all__ = [
     "score",
     "smc",
     "suffix_mh",
+    "to_inference_data",
 ]

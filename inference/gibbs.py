@@ -54,6 +54,9 @@ class PGState(NamedTuple):
 
 
 class PGInfo(NamedTuple):
+    """What one particle-Gibbs sweep did: whether the kept trajectory changed, and the
+    conditional SMC sweep's ``log Ẑ``."""
+
     changed: Bool[Array, ""]  # the new trajectory differs from the old
     log_z: Float[Array, ""]  # of the conditional SMC sweep
 

@@ -132,7 +132,7 @@ def trace_back(
     def back(slots, ancestors_u):
         return ancestors_u[slots], slots
 
-    first, slots = jax.lax.scan(back, jnp.arange(n), ancestors, reverse=True)  # slots[u] = lineage's slot at u
+    first, slots = jax.lax.scan(back, jnp.arange(n, dtype=ancestors.dtype), ancestors, reverse=True)  # slots[u] = lineage's slot at u
     steps = jnp.arange(max_steps)
     source = jnp.minimum(steps + lag, max_steps - 1)
     from_history = (steps + lag < n_steps)[:, None]

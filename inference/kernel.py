@@ -102,7 +102,10 @@ class Move(Protocol):
 
 def effective_sample_size(log_weights: Float[Array, " N"]) -> Float[Array, ""]:
     """``(sum w)^2 / sum w^2``; zero when every weight is zero."""
-    ess = jnp.exp(2 * jax.nn.logsumexp(log_weights) - jax.nn.logsumexp(2 * log_weights))
+    # Shift-invariant; centring on the largest weight keeps the difference below exact in
+    # float32 when log-weights are in the hundreds (an LM's summed log-probabilities).
+    centred = log_weights - jnp.max(log_weights)
+    ess = jnp.exp(2 * jax.nn.logsumexp(centred) - jax.nn.logsumexp(2 * centred))
     return jnp.where(jnp.isfinite(ess), ess, 0.0)
 
 
@@ -220,7 +223,7 @@ def resample(
     if when is True:
         return gather(state)[::-1]
     # cond, not select: the gather touches every state leaf (a KV cache, for an LM).
-    ancestors, state = jax.lax.cond(when, gather, lambda s: (jnp.arange(n), s), state)
+    ancestors, state = jax.lax.cond(when, gather, lambda s: (jnp.arange(n, dtype=jnp.int32), s), state)
     return state, ancestors
 
 
@@ -283,7 +286,7 @@ def idle(state: SMCState) -> SMCInfo:
     """The record of a step that did not run (every particle finished or dead)."""
     n = n_particles_of(state)
     nothing = jax.tree.map(jnp.zeros_like, state.choices)
-    return SMCInfo(jnp.asarray(float(n), state.ess.dtype), jnp.arange(n), jnp.asarray(False), nothing, jnp.zeros(()))
+    return SMCInfo(jnp.asarray(float(n), state.ess.dtype), jnp.arange(n, dtype=jnp.int32), jnp.asarray(False), nothing, jnp.zeros(()))
 
 
 def rejuvenate(

@@ -25,11 +25,16 @@ Sampler = Callable[[PRNGKeyArray], SMCResult]
 
 
 class PIMHState(NamedTuple):
+    """The chain's state: one particle drawn from a run, and that run's ``log Ẑ``."""
+
     sample: Any  # one particle's state
     log_z: Float[Array, ""]  # the evidence estimate of the run that produced it
 
 
 class PIMHInfo(NamedTuple):
+    """What one PIMH iteration did: whether the proposed run's particle was accepted, with
+    probability ``min(1, Ẑ'/Ẑ)``, and the proposed run's ``log Ẑ'``."""
+
     accepted: Bool[Array, ""]
     acceptance_probability: Float[Array, ""]
     proposed_log_z: Float[Array, ""]

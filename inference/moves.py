@@ -46,6 +46,7 @@ class SuffixMH(eqx.Module):
 
     @property
     def window(self) -> int:
+        """How many of the last steps the move regenerates (its ``lag``)."""
         return self.lag
 
     def __call__(

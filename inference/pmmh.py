@@ -55,6 +55,8 @@ class PMMHState(NamedTuple):
 
 
 class PMMHInfo(NamedTuple):
+    """What one PMMH iteration did: acceptance, its probability, and the proposal's ``log Ẑ(θ')``."""
+
     accepted: Bool[Array, ""]
     acceptance_probability: Float[Array, ""]
     proposed_log_likelihood: Float[Array, ""]  # log Ẑ(θ') of the proposal, accepted or not

@@ -1,7 +1,7 @@
 """Resampling schemes: draw ``n`` ancestor indices with ``E[count_i] = n · w_i``.
 
 Each scheme is a pure, static-shape function ``(key, log_weights[N], n) -> indices[n]``
-usable inside ``jit``/``vmap``. All four are unbiased, which is what keeps SMC's ``log_z``
+(int32, also under ``jax_enable_x64``) usable inside ``jit``/``vmap``. All four are unbiased, which is what keeps SMC's ``log_z``
 unbiased; they differ in variance (systematic ≲ stratified ≲ residual ≲ multinomial, for
 typical weights). The weights need not be normalised, but at least one must be finite.
 """
@@ -21,12 +21,12 @@ def _inverse_cdf(log_weights: Float[Array, " N"], uniforms: Float[Array, " n"]) 
     """Indices ``i`` with ``cdf[i-1] <= u < cdf[i]`` for sorted or unsorted ``u`` in [0, 1)."""
     cdf = jnp.cumsum(jax.nn.softmax(log_weights))
     # Rounding can leave cdf[-1] a little below 1: clip so u never falls off the end.
-    return jnp.minimum(jnp.searchsorted(cdf, uniforms, side="right"), log_weights.shape[0] - 1)
+    return jnp.minimum(jnp.searchsorted(cdf, uniforms, side="right"), log_weights.shape[0] - 1).astype(jnp.int32)
 
 
 def multinomial(key: PRNGKeyArray, log_weights: Float[Array, " N"], n: int) -> Int[Array, " n"]:
     """``n`` independent draws from the categorical distribution of the weights."""
-    return jax.random.categorical(key, log_weights, shape=(n,))
+    return jax.random.categorical(key, log_weights, shape=(n,)).astype(jnp.int32)
 
 
 def stratified(key: PRNGKeyArray, log_weights: Float[Array, " N"], n: int) -> Int[Array, " n"]:
@@ -55,7 +55,7 @@ def residual(key: PRNGKeyArray, log_weights: Float[Array, " N"], n: int) -> Int[
         n_deterministic < n, residual_log_weights, jnp.zeros_like(residual_log_weights)
     )
     random_draws = jax.random.categorical(key, residual_log_weights, shape=(n,))
-    return jnp.where(jnp.arange(n) < n_deterministic, deterministic, random_draws)
+    return jnp.where(jnp.arange(n) < n_deterministic, deterministic, random_draws).astype(jnp.int32)
 
 
 RESAMPLERS: dict[str, Resampler] = {

@@ -95,15 +95,11 @@ def check_move_shapes(program: StateSpace, kernel: Move, state: Any, proposal: S
             )
 
 
-@eqx.filter_jit
-def _smc(program, key, n_particles, resampler, ess_threshold, proposal, kernel, every, progress) -> SMCResult:
-    init_key, loop_key = jax.random.split(key)
-    state = init(program, init_key, n_particles, proposal=proposal, window=0 if kernel is None else kernel.window)
-    if kernel is not None:
-        check_move_shapes(program, kernel, state, proposal)
+def _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, every):
+    """One scan iteration of SMC at step ``t``: a step, then the move when it is due."""
 
     def advance(state, t):
-        running = ~jnp.all(done(program, state.particles)) & (state.ess > 0)
+        running = (t < program.max_steps) & ~jnp.all(done(program, state.particles)) & (state.ess > 0)
 
         def run(state):
             step_key, move_key = jax.random.split(jax.random.fold_in(loop_key, t))
@@ -114,16 +110,57 @@ def _smc(program, key, n_particles, resampler, ess_threshold, proposal, kernel, 
                 state, acceptance = rejuvenate(program, move_key, state, t, kernel, proposal=proposal, when=when)
                 # What the step emits must be read after the move, which may rewrite it.
                 info = info._replace(choices=emitted(state.choices, state.window, t), acceptance_rate=acceptance)
-            if progress is not None:
-                jax.debug.callback(progress, t, info.ess, jnp.sum(done(program, state.particles)))
             return state, info
 
         # scan + cond rather than while_loop: reverse-mode differentiable (for VI), and once
         # every particle is done (or dead) the remaining iterations cost nothing.
         return jax.lax.cond(running, run, lambda s: (s, idle(s)), state)
 
+    return advance
+
+
+def _start(program, key, n_particles, proposal, kernel):
+    init_key, loop_key = jax.random.split(key)
+    state = init(program, init_key, n_particles, proposal=proposal, window=0 if kernel is None else kernel.window)
+    if kernel is not None:
+        check_move_shapes(program, kernel, state, proposal)
+    return state, loop_key
+
+
+@eqx.filter_jit
+def _smc(program, key, n_particles, resampler, ess_threshold, proposal, kernel, every) -> SMCResult:
+    state, loop_key = _start(program, key, n_particles, proposal, kernel)
+    advance = _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, every)
     state, history = jax.lax.scan(advance, state, jnp.arange(program.max_steps))
     return finalize(state, history)
+
+
+@eqx.filter_jit
+def _segment(program, loop_key, state, first, length, resampler, ess_threshold, proposal, kernel, every):
+    advance = _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, every)
+    state, history = jax.lax.scan(advance, state, first + jnp.arange(length))
+    last = jnp.minimum(length, program.max_steps - first) - 1
+    return state, history, history.ess[last], jnp.sum(done(program, state.particles))
+
+
+def _smc_in_segments(program, key, n_particles, resampler, ess_threshold, proposal, kernel, every, progress, length):
+    """:func:`_smc` as a host loop over compiled segments of ``length`` steps, reporting
+    after each. Same keys per step, same result; every segment is the same compiled function
+    (no host callback inside), so it stays eligible for the persistent compilation cache."""
+    state, loop_key = _start_jit(program, key, n_particles, proposal, kernel)
+    histories = []
+    for first in range(0, program.max_steps, length):
+        state, history, ess, n_finished = _segment(
+            program, loop_key, state, jnp.int32(first), length, resampler, ess_threshold, proposal, kernel, every
+        )
+        histories.append(history)
+        progress(min(first + length, program.max_steps), ess, n_finished)
+    history = jax.tree.map(lambda *parts: jnp.concatenate(parts)[: program.max_steps], *histories)
+    return _finalize_jit(state, history)
+
+
+_start_jit = eqx.filter_jit(_start)
+_finalize_jit = eqx.filter_jit(finalize)
 
 
 def smc(
@@ -136,7 +173,8 @@ def smc(
     proposal: StepProposal | None = None,
     rejuvenate: Move | None = None,
     rejuvenate_every: int = 1,
-    progress: Callable[[Any, Any, Any], None] | None = None,
+    progress: Callable[[int, Any, Any], None] | None = None,
+    progress_every: int = 4,
 ) -> SMCResult:
     """Sequential Monte Carlo on ``program``; returns a properly weighted :class:`SMCResult`.
 
@@ -159,9 +197,15 @@ def smc(
             Gilks & Berzuini 2001), e.g. :func:`ppl.inference.suffix_mh`; applied after every
             ``rejuvenate_every``-th step once the kernel's ``window`` of steps has been taken.
             It changes particles, never weights.
-        progress: an optional host function ``progress(t, ess, n_finished)`` called after
-            every step that runs (through ``jax.debug.callback``), e.g. to drive a progress
-            bar; it is part of the compiled function, so pass the same object to reuse it.
+        progress: an optional host function ``progress(steps, ess, n_finished)``, e.g. to
+            drive a progress bar: the run is then a host loop over one compiled segment of
+            ``progress_every`` steps, and ``progress`` is called after each with the steps
+            taken, the ESS after the last of them and the number of finished particles. The
+            result is the same as without it (same key, same draws); no host callback is
+            compiled in, so warm starts from the persistent compilation cache
+            (:func:`ppl.enable_compilation_cache`) still work. Not for use under a user's
+            ``jit``.
+        progress_every: steps per segment when ``progress`` is given.
 
     Particles whose ``program.done`` holds are frozen. A NaN potential kills its particle
     (treated as ``-inf``) and sets ``nan_weights``; if every particle dies, ``log_z = -inf``
@@ -172,17 +216,14 @@ def smc(
     """
     validate(program, n_particles, ess_threshold)
     _validate_move(program, rejuvenate, rejuvenate_every)
-    return _smc(
-        program,
-        key,
-        n_particles,
-        get_resampler(resampling),
-        jnp.asarray(ess_threshold, jnp.float32),
-        proposal,
-        rejuvenate,
-        rejuvenate_every,
-        progress,
+    arguments = (
+        program, key, n_particles, get_resampler(resampling), jnp.asarray(ess_threshold, jnp.float32),
+        proposal, rejuvenate, rejuvenate_every,
     )
+    if progress is None:
+        return _smc(*arguments)
+    check_positive_int("progress_every", progress_every)
+    return _smc_in_segments(*arguments, progress, progress_every)
 
 
 def importance(

@@ -4,11 +4,14 @@ the embedded SmolLM2 default (``ppl.models.smollm2()``), token-level constraints
 and toy models with exact answers (``ppl.models.toy``)."""
 
 from ppl.models import constraints, toy
+from ppl.models import grammar
 from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
+from ppl.models.grammar import HostConstraint
 from ppl.models.llama import KVCache, Llama, LlamaConfig
 from ppl.models.heads import ProposalHead, TwistHead, with_twist
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
+from ppl.models.memory import InsufficientMemoryError, MemoryEstimate, available_memory, check_memory, estimate_memory
 from ppl.models.tokenizer import Tokenizer
 
 __all__ = [
@@ -16,12 +19,19 @@ __all__ = [
     "TwistHead",
     "with_twist",
     "CheckpointError",
+    "HostConstraint",
+    "InsufficientMemoryError",
+    "MemoryEstimate",
+    "available_memory",
+    "check_memory",
+    "estimate_memory",
     "KVCache",
     "Llama",
     "LlamaConfig",
     "TokenDFA",
     "Tokenizer",
     "constraints",
+    "grammar",
     "load_gguf",
     "load_hf_checkpoint",
     "smollm2",

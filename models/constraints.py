@@ -29,19 +29,23 @@ an error at build time, not a silent zero at run time.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Collection
+from functools import lru_cache
+from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
-from outlines_core import Index, Vocabulary
-
 from ppl.lm import Tokenizer
+from ppl.models.regex_dfa import Limits, compile_regex, first_of_each, group_rows
 
 DEAD = -1
 """The state of a particle that produced a forbidden token; it stays dead."""
+
+UNREACHABLE = 2**30
+"""The distance to acceptance of a forbidden token or a dead state: more than any budget."""
 
 
 class TokenDFA(eqx.Module):
@@ -56,6 +60,11 @@ class TokenDFA(eqx.Module):
     accepting: Bool[Array, " S"]
     initial: int = eqx.field(static=True)
     eos_token_id: int = eqx.field(static=True)
+    steps_to_accept: Int[Array, " S"] = None  # type: ignore[assignment]  # computed from the table
+
+    def __post_init__(self) -> None:
+        if self.steps_to_accept is None:
+            self.steps_to_accept = _steps_to_accept(jnp.asarray(self.transitions), jnp.asarray(self.accepting))
 
     def __check_init__(self) -> None:
         n_states = self.transitions.shape[0]
@@ -68,6 +77,7 @@ class TokenDFA(eqx.Module):
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens the automaton reads."""
         return self.token_class.shape[0]
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -98,10 +108,56 @@ class TokenDFA(eqx.Module):
         return (state >= 0) & self.accepting[jnp.maximum(state, 0)]
 
     def is_dead(self, state: Int[ArrayLike, ""]) -> Bool[Array, ""]:
+        """Whether ``state`` is the dead state (no continuation can satisfy the constraint)."""
         return jnp.asarray(state) < 0
+
+    # --- the token budget: how far each state is from acceptance ---------------------------
+
+    @property
+    def min_tokens(self) -> int:
+        """The fewest tokens (EOS excluded) of any accepted text: with ``require_eos`` a
+        generation needs ``max_new_tokens >= min_tokens + 1``."""
+        return int(self.steps_to_accept[self.initial])
+
+    def tokens_to_accept(self, state: Int[ArrayLike, ""]) -> Int[Array, " V"]:
+        """For every next token, the fewest further tokens (EOS excluded) from the state it
+        leads to until the text is accepted; EOS counts ``0`` in an accepting state. A token
+        the state forbids (or any token, in the dead state) gets ``UNREACHABLE``, more than
+        any budget."""
+        state = jnp.asarray(state, jnp.int32)
+        row = jnp.maximum(state, 0)
+        unreachable = UNREACHABLE
+        following = self.transitions[row]  # [C]: one gather per class, then one over tokens
+        per_class = jnp.where(following >= 0, self.steps_to_accept[jnp.maximum(following, 0)], unreachable)
+        distance = per_class[self.token_class]
+        distance = distance.at[self.eos_token_id].set(jnp.where(self.accepting[row], 0, unreachable))
+        return jnp.where(state >= 0, distance, unreachable)
+
+    def mask_within(self, state: Int[ArrayLike, ""], n_tokens: Int[ArrayLike, ""]) -> Bool[Array, " V"]:
+        """:meth:`mask` restricted to what can still finish: a text token is allowed when the
+        text can be accepted within ``n_tokens`` text tokens counting this one; EOS, when the
+        state accepts (whatever ``n_tokens``, even ``0``)."""
+        distance = self.tokens_to_accept(state)
+        allowed = distance <= jnp.asarray(n_tokens) - 1
+        return allowed.at[self.eos_token_id].set(self.is_accepting(state))
 
 
 # --- compression: the one place a host table becomes a TokenDFA --------------------------------
+
+@jax.jit  # one compilation per table shape, however many constraints are built
+def _steps_to_accept(table: Int[Array, "S C"], accepting: Bool[Array, " S"]) -> Int[Array, " S"]:
+    """The fewest tokens from each state to an accepting state (``UNREACHABLE`` where none): Bellman-Ford
+    rounds over the ``[S, C]`` table until nothing shrinks, one gather each, as many rounds
+    as the longest distance. Pure JAX, so a table built under ``jit`` works too."""
+    def relax(carry):
+        distance, _ = carry
+        via = jnp.where(table >= 0, jnp.minimum(distance[jnp.maximum(table, 0)] + 1, UNREACHABLE), UNREACHABLE)
+        shorter = jnp.minimum(distance, via.min(axis=1, initial=UNREACHABLE))
+        return shorter, jnp.any(shorter != distance)
+
+    start = jnp.where(accepting, 0, UNREACHABLE).astype(jnp.int32)
+    return jax.lax.while_loop(lambda carry: carry[1], relax, (start, jnp.asarray(True)))[0]
+
 
 def _live_states(table: np.ndarray, accepting: np.ndarray, initial: int, what: str) -> np.ndarray:
     """States reachable from ``initial`` that can reach an accepting state, in BFS order from it."""
@@ -157,44 +213,19 @@ def _never(tokenizer: Tokenizer) -> np.ndarray:
 
 # --- builders ----------------------------------------------------------------------------------
 
-def regex(pattern: str, tokenizer: Tokenizer) -> TokenDFA:
-    """Token sequences whose text fully matches ``pattern`` (Rust ``regex`` syntax, via outlines-core).
+def regex(pattern: str, tokenizer: Tokenizer, limits: Limits = Limits()) -> TokenDFA:
+    """Token sequences whose text fully matches ``pattern``, as ``re.fullmatch`` reads it.
 
-    Classes such as ``\\d`` and ``\\w`` are Unicode-aware, as in Python's ``re``. Raises
-    ``ValueError`` when the pattern matches no text this vocabulary can spell, or uses syntax
-    outlines-core cannot compile (look-around, backreferences). outlines-core also refuses a
-    pattern where any branch is impossible (``a[^\\s\\S]|b``), even if another branch is not.
+    The regular subset of Python's ``re`` syntax: literals and escapes, classes (negated,
+    ranges, Unicode-aware ``\\d \\w \\s`` as in ``re``), ``.`` (not ``\\n``), groups,
+    alternation, ``* + ? {m} {m,n} {m,} {,n}`` (lazy forms too); the whole text must match.
+    The pattern becomes a minimal byte-level DFA (``regex_dfa``) that each token is walked
+    through. Raises ``ValueError`` for unsupported syntax (look-around, backreferences,
+    anchors, flags), when the pattern matches no text this vocabulary can spell, or — naming
+    the costly construct — when compiling would pass ``limits`` (time, automaton size).
     """
-    eos = tokenizer.eos_token_id
-    spellings: dict[bytes, list[int]] = defaultdict(list)
-    for token, data in enumerate(tokenizer.vocab_bytes):
-        if data and token != eos:  # outlines-core refuses EOS in the vocabulary and adds it itself
-            spellings[data].append(token)
-    try:
-        index = Index(pattern, Vocabulary(eos, dict(spellings)))
-    except ValueError as error:
-        raise ValueError(f"regex {pattern!r} matches no token sequence of this vocabulary "
-                         f"(or outlines-core cannot compile it): {error}") from error
-
-    # outlines-core numbers states sparsely; columns are only the tokens some state reads.
-    index_transitions = index.get_transitions()
-    finals = index.get_final_states()
-    ids = {index.get_initial_state(), *finals, *index_transitions}
-    ids.update(nxt for row in index_transitions.values() for nxt in row.values())
-    states = {state: n for n, state in enumerate(sorted(ids))}
-    read = sorted({token for row in index_transitions.values() for token in row if token != eos})
-    column = {token: c for c, token in enumerate(read)}
-    table = np.full((len(states), len(read) + 1), DEAD)  # the last column: tokens no state reads
-    for state, row in index_transitions.items():
-        for token, nxt in row.items():
-            if token != eos:
-                table[states[state], column[token]] = states[nxt]
-    token_class = np.full(tokenizer.vocab_size, len(read))
-    token_class[read] = np.arange(len(read))
-    accepting = np.zeros(len(states), bool)
-    accepting[[states[s] for s in finals]] = True
-    return _compress(table, token_class, accepting, states[index.get_initial_state()], eos,
-                     _never(tokenizer), f"regex {pattern!r}")
+    dfa = compile_regex(pattern, limits)
+    return _from_byte_table(dfa.table, dfa.initial, dfa.accepting, tokenizer, f"regex {pattern!r}")
 
 
 def from_char_dfa(step: Callable[[int, int], int], initial: int, accepting: Collection[int], n_states: int,
@@ -208,25 +239,77 @@ def from_char_dfa(step: Callable[[int, int], int], initial: int, accepting: Coll
     byte_table = np.array([[step(state, byte) for byte in range(256)] for state in range(n_states)])
     if ((byte_table < DEAD) | (byte_table >= n_states)).any():
         raise ValueError(f"step returned a state outside -1..{n_states - 1}")
-    spellings = tokenizer.vocab_bytes
-    lengths = np.array([len(data) for data in spellings])
-    # Longest tokens first, so at byte j only the prefix of tokens that long is still reading.
-    order = np.argsort(-lengths, kind="stable")
-    padded = np.zeros((len(spellings), lengths.max()), np.uint8)
-    for row, token in enumerate(order):
-        padded[row, :lengths[token]] = np.frombuffer(spellings[token], np.uint8)
-    table = np.repeat(np.arange(n_states)[:, None], len(spellings), axis=1)
-    for j in range(padded.shape[1]):
-        reading = int((lengths > j).sum())
-        current = table[:, :reading]
-        nxt = byte_table[np.maximum(current, 0), padded[None, :reading, j]]
-        table[:, :reading] = np.where(current >= 0, nxt, DEAD)
-    token_class = np.empty(len(spellings), np.int64)
-    token_class[order] = np.arange(len(spellings))
     is_accepting = np.zeros(n_states, bool)
     is_accepting[list(accepting)] = True
-    return _compress(table, token_class, is_accepting, initial, tokenizer.eos_token_id, _never(tokenizer),
-                     "the byte-level DFA")
+    return _from_byte_table(byte_table, initial, is_accepting, tokenizer, "the byte-level DFA")
+
+
+_STATES_PER_CHUNK = 128  # bounds the walk's working memory to a few [128, trie nodes] int32 arrays
+
+
+class _Trie(NamedTuple):
+    """The vocabulary's distinct prefixes (~2x fewer than its bytes), numbered by depth, then bytes.
+
+    Node 0 is the empty prefix; nodes of depth ``d`` are ``depth_start[d]:depth_start[d+1]``;
+    ``token_node[v]`` is the node spelling token ``v``.
+    """
+    parent: np.ndarray
+    byte: np.ndarray
+    depth_start: np.ndarray
+    token_node: np.ndarray
+
+
+@lru_cache(maxsize=4)
+def _trie(spellings: tuple[bytes, ...]) -> _Trie:
+    by_length: list[set[bytes]] = [set() for _ in range(max(map(len, spellings)) + 1)]
+    for data in spellings:
+        for end in range(len(data) + 1):
+            by_length[end].add(data[:end])
+    prefixes = [prefix for level in by_length for prefix in sorted(level)]  # sorting bytes needs no key: fast
+    node = {prefix: n for n, prefix in enumerate(prefixes)}
+    parent = np.array([node[p[:-1]] if p else 0 for p in prefixes])
+    byte = np.array([p[-1] if p else 0 for p in prefixes], np.uint8)
+    depth_start = np.searchsorted([len(p) for p in prefixes], np.arange(len(prefixes[-1]) + 2))
+    return _Trie(parent, byte, depth_start, np.array([node[data] for data in spellings]))
+
+
+def _walk(byte_table: np.ndarray, states: np.ndarray, trie: _Trie) -> np.ndarray:
+    """``[len(states), V]``: where each token's bytes lead from each state (``-1`` dead).
+
+    Every prefix of the vocabulary is read once per state, depth by depth; the walk stops
+    at the first depth where no prefix is alive.
+    """
+    at = np.full((len(states), len(trie.parent)), DEAD, np.int32)
+    at[:, 0] = states
+    for lo, hi in zip(trie.depth_start[1:-1], trie.depth_start[2:]):
+        before = at[:, trie.parent[lo:hi]]
+        if not (before >= 0).any():
+            break
+        at[:, lo:hi] = np.where(before >= 0, byte_table[np.maximum(before, 0), trie.byte[None, lo:hi]], DEAD)
+    return at[:, trie.token_node]
+
+
+def _from_byte_table(byte_table: np.ndarray, initial: int, accepting: np.ndarray, tokenizer: Tokenizer,
+                     what: str) -> TokenDFA:
+    """Lift a ``[S, 256]`` byte DFA to tokens: a token leads wherever its bytes, read one by one, lead.
+
+    States are walked a chunk at a time and tokens split into classes as the chunks tell them
+    apart; each chunk keeps one column per class it knew, so memory stays ``O(chunk · V + S · C)``
+    rather than ``O(S · V)``.
+    """
+    byte_table = byte_table.astype(np.int32)
+    trie = _trie(tuple(tokenizer.vocab_bytes))
+    token_class = np.zeros(tokenizer.vocab_size, np.int64)
+    pieces = []
+    states = np.arange(byte_table.shape[0])
+    for chunk in np.array_split(states, -(-len(states) // _STATES_PER_CHUNK)):
+        walked = _walk(byte_table, chunk, trie)
+        token_class = group_rows(np.vstack([token_class[None], walked]).T)
+        pieces.append((walked[:, first_of_each(token_class)], token_class))
+    # Classes only split, so a token of a final class reads, in each chunk, its class's column there.
+    representative = first_of_each(token_class)
+    table = np.concatenate([columns[:, classes[representative]] for columns, classes in pieces])
+    return _compress(table, token_class, accepting, initial, tokenizer.eos_token_id, _never(tokenizer), what)
 
 
 def vocabulary_predicate(allowed: Callable[[bytes], bool], tokenizer: Tokenizer) -> TokenDFA:

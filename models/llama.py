@@ -125,10 +125,12 @@ class KVCache(ParticleCache):
 
     @property
     def max_len(self) -> int:
+        """Positions each row can hold."""
         return self.keys.shape[2]
 
     @property
     def batch(self) -> int:
+        """Number of rows (particles)."""
         return self.keys.shape[1]
 
     def broadcast(self, batch: int) -> KVCache:
@@ -159,6 +161,7 @@ class KVCache(ParticleCache):
         return KVCache(self.keys, self.values, jnp.where(active, self.lengths, previous.lengths))
 
     def where(self, mask: Bool[Array, " batch"], other: KVCache) -> KVCache:
+        """``self`` on the rows where ``mask`` holds, ``other`` elsewhere (an MCMC accept)."""
         rows = mask[None, :, None, None, None]
         return KVCache(
             jnp.where(rows, self.keys, other.keys),
@@ -167,6 +170,7 @@ class KVCache(ParticleCache):
         )
 
     def checkpoint(self) -> Int[Array, " batch"]:
+        """The rows' lengths: rolling back to them moves the lengths, copies nothing."""
         return self.lengths
 
     def restore(self, checkpoint: Int[Array, " batch"]) -> KVCache:
@@ -201,10 +205,12 @@ class Llama(eqx.Module):
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens the model scores."""
         return self.config.vocab_size
 
     @property
     def dtype(self) -> jnp.dtype:
+        """The weights' floating-point type."""
         return self.embed.dtype
 
     # -- the LM protocol ------------------------------------------------------------------
@@ -223,6 +229,7 @@ class Llama(eqx.Module):
         return self.logits(hidden[0, -1]), cache
 
     def broadcast(self, cache: KVCache, batch: int) -> KVCache:
+        """A batch-1 cache repeated to ``batch`` rows (the prompt, shared by every particle)."""
         return cache.broadcast(batch)
 
     def decode(
@@ -248,6 +255,7 @@ class Llama(eqx.Module):
         return self.project(features), features, new
 
     def reindex(self, cache: KVCache, ancestors: Int[Array, " B"]) -> KVCache:
+        """Row ``i`` of the result is row ``ancestors[i]`` of ``cache`` (resampling)."""
         return cache.reindex(ancestors)
 
     def __call__(self, tokens: Int[Array, " T"]) -> Float[Array, "T V"]:

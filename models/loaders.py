@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl.models.llama import Llama, LlamaConfig
+from ppl.models.tensor_checks import checked_tensors, make_config
 
 
 class CheckpointError(ValueError):
@@ -98,7 +99,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         return _parse_gguf(path, data)
     except CheckpointError:
         raise
-    except (struct.error, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as error:
+    # A corrupt header can make any step of the parse fail; every failure is the file's.
+    except (struct.error, ValueError, UnicodeDecodeError, OverflowError, MemoryError, RecursionError,
+            IndexError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({len(data)} bytes): {error}") from error
 
 
@@ -143,7 +146,10 @@ def _parse_gguf(path: Path, data: Any) -> GGUFFile:
     infos = []
     for _ in range(tensor_count):
         name = read_string()
-        dims = read("Q" * read("I")[0])
+        (n_dims,) = read("I")
+        if not 1 <= n_dims <= 4:
+            raise CheckpointError(f"{path}: tensor {name!r} has {n_dims} dimensions (GGUF allows 1..4)")
+        dims = read("Q" * n_dims)
         kind, tensor_offset = read("IQ")
         try:
             kind = gguf.GGMLQuantizationType(kind)
@@ -151,9 +157,13 @@ def _parse_gguf(path: Path, data: Any) -> GGUFFile:
             raise CheckpointError(f"{path}: tensor {name!r} has unknown GGUF type id {kind}") from None
         infos.append((name, kind, tuple(reversed(dims)), tensor_offset))
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or not 0 < alignment <= 2**20:
+        raise CheckpointError(f"{path}: general.alignment={alignment!r} is not a positive integer")
     start = -(-offset // alignment) * alignment
-    tensors = {}
+    tensors, extents = {}, []
     for name, kind, shape, tensor_offset in infos:
+        if tensor_offset % alignment:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at offset {tensor_offset}, not a multiple of {alignment}")
         block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
         if shape[-1] % block:
             raise CheckpointError(f"{path}: tensor {name!r} rows of {shape[-1]} are not whole {kind.name} blocks of {block}")
@@ -166,6 +176,12 @@ def _parse_gguf(path: Path, data: Any) -> GGUFFile:
             )
         raw = np.frombuffer(data, np.uint8, end - begin, begin).reshape(*shape[:-1], row_bytes)
         tensors[name] = GGUFTensor(name, kind, shape, raw)
+        extents.append((begin, end, name))
+    # A corrupt offset that still lands inside the file would alias another tensor's bytes.
+    extents.sort()
+    for (_, end, first), (begin, _, second) in zip(extents, extents[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap (corrupt offsets?)")
     return GGUFFile(path, metadata, tensors)
 
 
@@ -183,21 +199,25 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
     if arch not in ("llama", "qwen2"):
         raise CheckpointError(f"{file.path}: architecture {arch!r} is not supported (llama, qwen2)")
     get = lambda key, default=...: _metadata(file, f"{arch}.{key}", default)
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
     scaling = None
     if get("rope.scaling.type", None) == "linear":
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    return LlamaConfig(
-        vocab_size=int(get("vocab_size", None) or _tensor(file, "token_embd.weight").shape[0]),
+        factor = get("rope.scaling.factor")
+        if not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise CheckpointError(f"{file.path}: rope.scaling.factor={factor!r} is not a positive number")
+        scaling = {"rope_type": "linear", "factor": float(factor)}
+    return make_config(
+        file.path, CheckpointError,
+        vocab_size=get("vocab_size", None) or _tensor(file, "token_embd.weight").shape[0],
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
+        intermediate_size=get("feed_forward_length"),
+        num_layers=get("block_count"),
         num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", hidden // heads)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        num_kv_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads if isinstance(hidden, int) and heads else 0),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=get("rope.freq_base", 10000.0),
         rope_scaling=scaling,
         tie_embeddings="output.weight" not in file.tensors,
         attention_bias="blk.0.attn_q.bias" in file.tensors,
@@ -212,6 +232,8 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Llama:
     model = Llama.from_hf_tensors(config, tensor, dtype)
     if "rope_freqs.weight" in file.tensors:  # Llama 3.1 files store rope frequency divisors as a tensor
         divisors = dequantize(file.tensors["rope_freqs.weight"], file.path)
+        if divisors.shape != model.rope_inv_freq.shape or not (np.isfinite(divisors) & (divisors > 0)).all():
+            raise CheckpointError(f"{file.path}: rope_freqs.weight is not {model.rope_inv_freq.shape[0]} positive numbers")
         model = eqx.tree_at(lambda m: m.rope_inv_freq, model, model.rope_inv_freq / divisors)
     return model
 
@@ -232,7 +254,7 @@ def gguf_hf_tensors(file: GGUFFile) -> tuple[LlamaConfig, Callable[[str], np.nda
             array = _unpermute_rows(array, config.num_heads if ".attn_q." in name else config.num_kv_heads)
         return array
 
-    return config, tensor
+    return config, checked_tensors(config, tensor, file.path, CheckpointError)
 
 
 def _unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -273,16 +295,17 @@ def hf_config(config: Mapping[str, Any], path: Any = "<config.json>") -> LlamaCo
     theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
     scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
     heads = config["num_attention_heads"]
-    return LlamaConfig(
+    return make_config(
+        path, CheckpointError,
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"],
         num_layers=config["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        head_dim=config.get("head_dim") or (config["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
+        rope_theta=theta,
         rope_scaling=scaling,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=kind == "qwen2" or bool(config.get("attention_bias")),
@@ -324,8 +347,10 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype: jnp.dtype = jnp.floa
     config_path = directory / "config.json"
     try:
         config = hf_config(json.loads(config_path.read_text()), config_path)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path}: cannot read the config: {error}") from error
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{config_path}: malformed config ({type(error).__name__}: {error})") from error
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors files")
@@ -338,7 +363,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype: jnp.dtype = jnp.floa
             raise CheckpointError(f"{directory}: tensor {name!r} is missing")
         return tensors[name]()
 
-    return Llama.from_hf_tensors(config, tensor, dtype)
+    return Llama.from_hf_tensors(config, checked_tensors(config, tensor, directory, CheckpointError), dtype)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarray]]:
@@ -359,20 +384,38 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
         raise fail(f"header of {header_size} bytes does not fit in the file's {data.size} bytes")
     try:
         header = json.loads(bytes(data[8 : 8 + header_size]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise fail(f"header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise fail(f"header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
     body = data[8 + header_size :]
     loaders = {}
     for name, entry in header.items():
+        if not _is_tensor_entry(entry):
+            raise fail(f"tensor {name!r} has a malformed entry {str(entry)[:80]}")
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}")
         stored = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
-        if end > body.size or end - begin != stored.itemsize * int(np.prod(entry["shape"])):
+        if not 0 <= begin <= end <= body.size or end - begin != stored.itemsize * math.prod(entry["shape"]):
             raise fail(f"tensor {name!r} needs bytes {begin}..{end} of a {body.size}-byte data section")
         loaders[name] = _tensor_reader(body[begin:end], stored, entry["dtype"] == "BF16", tuple(entry["shape"]))
     return loaders
+
+
+def _is_tensor_entry(entry: Any) -> bool:
+    """``{dtype: str, shape: [int >= 0], data_offsets: [int, int]}``, nothing else trusted."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and isinstance(entry.get("shape"), list)
+        and all(is_int(d) and 0 <= d < 2**40 for d in entry["shape"])
+        and isinstance(entry.get("data_offsets"), list)
+        and len(entry["data_offsets"]) == 2
+        and all(is_int(o) for o in entry["data_offsets"])
+    )
 
 
 def _tensor_reader(raw: np.ndarray, stored: np.dtype, bfloat16: bool, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:

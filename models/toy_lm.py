@@ -38,8 +38,10 @@ REWARD_PER_A = 0.7  # log potential per "a" in the text (an exp(r/β) reward)
 
 
 def tiny_tokenizer() -> SimpleNamespace:
-    """What the constraint compiler needs of a tokenizer: the vocabulary's bytes and EOS."""
-    return SimpleNamespace(vocab_bytes=list(VOCAB), eos_token_id=EOS, vocab_size=len(VOCAB))
+    """What the constraint compiler needs of a tokenizer (the vocabulary's bytes and EOS), and
+    ``decode`` for answers (``SMCResult.sample``)."""
+    return SimpleNamespace(vocab_bytes=list(VOCAB), eos_token_id=EOS, vocab_size=len(VOCAB),
+                           decode=lambda ids: b"".join(VOCAB[i] for i in ids).decode())
 
 
 def tiny_llama(seed: int, hidden_size: int = 32, vocab_size: int = len(VOCAB)) -> Llama:

@@ -35,9 +35,14 @@ steps only. ``max_chunks`` ends a sequence after that many delimiters, whatever 
 
 Trajectories: the site ``"token"`` (``[N]`` per step) or ``"chunk"``; ``init`` draws nothing.
 
-``require_eos=True`` restricts the target to sequences that end with EOS within the limit
-(the last slot may only hold EOS); without it a sequence cut at the limit is kept as is,
-which is the LM's own distribution of its first ``max_new_tokens`` tokens.
+``require_eos=True`` restricts the target to sequences that end with EOS within the limit;
+without it a sequence cut at the limit is kept as is, which is the LM's own distribution of
+its first ``max_new_tokens`` tokens (and a constraint only asks that the cut text can still
+be completed). Under ``require_eos`` the masks are budget-aware (``allowed``): a token after
+which the constraint cannot accept, plus EOS, within the tokens left is masked. Those
+sequences have zero target mass already, so Z and the posterior do not change, and the
+locally optimal proposal never walks into a dead end; ``ppl.AcceptanceTwist`` adds the
+automaton's look-ahead as a twist.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class TokenState(NamedTuple):
     is ``-1``); ``last`` is the token the KV cache has not seen yet; ``finished`` marks EOS,
     the token limit or ``max_chunks``, and ``ended_with_eos`` the first of these;
     ``n_chunks`` counts delimiters; ``log_twist`` is the twist of the current prefix.
+    ``Generation.completions`` turns ``tokens`` into :class:`ppl.LanguageModel`'s form (EOS
+    included), the one to score answers with.
     """
 
     tokens: Int[Array, "N T"]
@@ -205,16 +212,33 @@ class Generation(StateSpace):
         )
 
     def allowed(self, state: TokenState) -> Bool[Array, "N V"] | None:
-        """Which next tokens keep each particle inside the support (``None``: all of them)."""
-        allowed = None
-        if self.constraint is not None:
-            allowed = jax.vmap(self.constraint.mask)(state.constraint_state)
-        if self.require_eos:
-            last_slot = state.length == self.max_steps - 1
-            only_eos = jnp.arange(self.lm.vocab_size) == self.eos_token_id
-            allowed = only_eos | ~last_slot[:, None] if allowed is None else allowed
-            allowed = jnp.where(last_slot[:, None], allowed & only_eos, allowed)
-        return allowed
+        """Which next tokens keep each particle inside the support (``None``: all of them).
+
+        With ``require_eos`` the support is sequences that reach EOS within the budget, so a
+        text token is allowed only if the constraint can still accept within the text slots
+        left (EOS takes the last one): the constraint's ``mask_within`` when it has one
+        (:class:`ppl.models.constraints.TokenDFA`), else only the last slot is reserved for EOS.
+        Sequences this removes have zero target mass already, so the target is unchanged; the
+        locally optimal proposal then never walks into a dead end. Without ``require_eos`` a
+        sequence cut at the limit is in the support, and nothing is masked for the budget.
+        """
+        if not self.require_eos:
+            return None if self.constraint is None else jax.vmap(self.constraint.mask)(state.constraint_state)
+        text_left = self.max_steps - 1 - state.length
+        if hasattr(self.constraint, "mask_within"):
+            return jax.vmap(self.constraint.mask_within)(state.constraint_state, text_left)
+        only_eos = jnp.arange(self.lm.vocab_size) == self.eos_token_id
+        allowed = only_eos | (text_left > 0)[:, None]
+        return allowed if self.constraint is None else allowed & jax.vmap(self.constraint.mask)(state.constraint_state)
+
+    def completions(self, particles: TokenState) -> Int[Array, "N T"]:
+        """``[N, max_new_tokens]`` sequences in :class:`ppl.LanguageModel`'s form: the tokens,
+        then EOS if the particle ended with one, EOS-padded. So
+        ``ppl.LanguageModel(lm, prompt, max_new_tokens, eos).log_prob(program.completions(p))``
+        scores the particles' text under the LM, EOS included, with nothing rebuilt by hand."""
+        positions = jnp.arange(self.max_steps)
+        written = positions < particles.length[:, None]
+        return jnp.where(written, particles.tokens, self.eos_token_id)
 
     def append(self, state: TokenState, token: Int[Array, " N"], cache: Cache, active: Bool[Array, " N"]) -> TokenState:
         """``state`` with ``token`` appended on the ``active`` rows (others unchanged)."""

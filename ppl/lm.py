@@ -42,19 +42,24 @@ class ParticleCache(eqx.Module):
     """
 
     @abc.abstractmethod
-    def reindex(self, ancestors: Int[Array, " N"]) -> "ParticleCache": ...
+    def reindex(self, ancestors: Int[Array, " N"]) -> "ParticleCache":
+        """Row ``i`` of the result is row ``ancestors[i]`` (resampling)."""
 
     @abc.abstractmethod
-    def select(self, active: Bool[Array, " N"], previous: "ParticleCache") -> "ParticleCache": ...
+    def select(self, active: Bool[Array, " N"], previous: "ParticleCache") -> "ParticleCache":
+        """This stepped cache where ``active``, ``previous`` elsewhere (frozen particles)."""
 
     @abc.abstractmethod
-    def where(self, mask: Bool[Array, " N"], other: "ParticleCache") -> "ParticleCache": ...
+    def where(self, mask: Bool[Array, " N"], other: "ParticleCache") -> "ParticleCache":
+        """``self`` on the rows where ``mask`` holds, ``other`` elsewhere."""
 
     @abc.abstractmethod
-    def checkpoint(self) -> Any: ...
+    def checkpoint(self) -> Any:
+        """A small per-particle summary to roll the cache back to later."""
 
     @abc.abstractmethod
-    def restore(self, checkpoint: Any) -> "ParticleCache": ...
+    def restore(self, checkpoint: Any) -> "ParticleCache":
+        """The cache rolled back to ``checkpoint`` (rows must only have grown since)."""
 
 
 @runtime_checkable

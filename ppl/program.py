@@ -63,12 +63,18 @@ class StateSpace(eqx.Module):
     markov: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def init(self) -> State: ...  # batched programs: ``init(self, n_particles)``
+    def init(self) -> State:  # batched programs: ``init(self, n_particles)``
+        """The initial state (a batched program returns ``n_particles`` of them); may
+        contain sample and factor sites, like a step."""
 
     @abc.abstractmethod
-    def step(self, state: State, t: jax.Array) -> State: ...
+    def step(self, state: State, t: jax.Array) -> State:
+        """One step ``t`` of the state-space model: draw the choices with ``numpyro.sample``,
+        score them with ``numpyro.factor`` / ``ppl.observe``, return the next state."""
 
     def done(self, state: State) -> Bool[Array, "*N"]:
+        """Whether a particle has finished (it then stops changing and stops being weighted);
+        never, unless a subclass says otherwise."""
         return jnp.zeros((), bool)
 
     def reindex(self, particles: State, ancestors: Int[Array, " N"]) -> State:

@@ -6,7 +6,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
+
+
+class AllDeadError(ValueError):
+    """An answer was asked of a result in which every particle has zero weight."""
 
 
 class SMCResult(NamedTuple):
@@ -51,6 +56,40 @@ class SMCResult(NamedTuple):
         uniform = 1.0 / self.log_weights.shape[-1]
         return jnp.where(jnp.expand_dims(self.all_dead, -1), uniform, jax.nn.softmax(self.log_weights, axis=-1))
 
+    # --- answers: posterior draws, never dead particles --------------------------------------
+
+    def sample(self, key: jax.Array, n: int = 1, tokenizer: Any = None) -> Any:
+        """``n`` particles drawn with replacement in proportion to their weights: a list of
+        ``n`` decoded texts given a ``tokenizer`` (particles with ``tokens`` and ``length``,
+        as :class:`ppl.Generation`'s), else the particle pytree with a leading ``[n]`` axis.
+        Raises :class:`AllDeadError` when every particle is dead."""
+        self._check_answerable()
+        indices = jax.random.choice(key, self.log_weights.shape[0], (n,), p=self.weights)
+        return self._pick(indices, tokenizer)
+
+    def best(self, tokenizer: Any = None) -> Any:
+        """The particle of highest weight: its decoded text given a ``tokenizer``, else its
+        state (leaves without the particle axis). Raises :class:`AllDeadError` when every
+        particle is dead. A mode-seeking summary; :meth:`sample` draws from the posterior."""
+        self._check_answerable()
+        chosen = self._pick(jnp.argmax(self.log_weights)[None], tokenizer)
+        return chosen[0] if tokenizer is not None else jax.tree.map(lambda leaf: leaf[0], chosen)
+
+    def _check_answerable(self) -> None:
+        if self.log_weights.ndim != 1:
+            raise ValueError(f"this result holds a batch of runs (log_weights {self.log_weights.shape}); "
+                             "take one first, e.g. jax.tree.map(lambda x: x[0], result)")
+        if bool(self.all_dead):
+            raise AllDeadError("every particle has zero weight (result.all_dead): no particle satisfied the "
+                               "target; relax the constraint, raise the token budget, or use more particles")
+
+    def _pick(self, indices: Int[Array, " n"], tokenizer: Any) -> Any:
+        chosen = jax.tree.map(lambda leaf: leaf[indices], self.particles)
+        if tokenizer is None:
+            return chosen
+        tokens, lengths = np.asarray(chosen.tokens), np.asarray(chosen.length)
+        return [tokenizer.decode(row[:length].tolist()) for row, length in zip(tokens, lengths)]
+
 
 class MCMCResult(NamedTuple):
     """A Markov chain: ``samples`` leaves have a leading ``[n_samples]`` axis.
@@ -65,4 +104,5 @@ class MCMCResult(NamedTuple):
 
     @property
     def acceptance_rate(self) -> Float[Array, ""]:
+        """Fraction of iterations that moved (over every axis of ``accepted``)."""
         return jnp.mean(self.accepted)

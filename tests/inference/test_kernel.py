@@ -83,6 +83,25 @@ def test_a_new_variant_from_pieces_resampling_at_fixed_times_is_unbiased(hmm):
     assert abs(ratios.mean() - 1) < 3 * standard_error
 
 
+def test_progress_runs_in_segments_with_the_same_result(hmm):
+    """With ``progress`` the run is a host loop over compiled segments (what keeps a progress
+    bar compatible with the persistent compilation cache): bit-identical result for the same
+    key, one report per segment, the last one after every step. 7 steps in segments of 3
+    checks the partial last segment."""
+    program = hmm.program()
+    reports = []
+    plain = smc(program, jax.random.key(5), 32, ess_threshold=0.7)
+    segmented = smc(
+        program, jax.random.key(5), 32, ess_threshold=0.7, progress_every=3,
+        progress=lambda steps, ess, finished: reports.append((steps, float(ess), int(finished))),
+    )
+    assert [steps for steps, _, _ in reports] == [3, 6, program.max_steps]
+    assert reports[-1][1] == pytest.approx(float(plain.ess[-1]))
+    jax.tree.map(np.testing.assert_array_equal, plain, segmented)
+    with pytest.raises(ValueError, match="progress_every"):
+        smc(program, jax.random.key(5), 32, progress=print, progress_every=0)
+
+
 def test_trajectories_are_the_choices_along_each_lineage(hmm):
     """``choices["x"][i]`` is particle i's latent path: column 0 from init, column t+1 from
     step t, equal to the path the HMM program keeps in its own state (resampling included)."""

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import ppl
-from ppl import cli
 from ppl.inference import smc
 from ppl.models import constraints, smollm2
 
@@ -46,8 +45,3 @@ def test_regex_holds_in_every_weighted_particle(model):
     texts = _texts(tokenizer, result)
     assert texts and all(re.fullmatch(pattern, text) for text in texts), texts
 
-
-def test_main_command_prints_particles_and_evidence(capsys):
-    assert cli.main(["steer", "Write a short story about a cat.", "--no-letter", "e", "--particles", "4", "--max-tokens", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "#1  weight" in out and "log Z estimate" in out and "tokens/s" in out

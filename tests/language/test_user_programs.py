@@ -79,7 +79,7 @@ def exact_answers(lm):
     grid = np.linspace(-8, 8, 4001)
     bias = np.asarray(BIAS, np.float64)
     log_joint_z = np.full(len(grid), -np.inf)  # log sum_x gamma(z, x) / N(z; 0, 1), on the grid
-    for n, sequences in by_length.items():
+    for sequences in by_length.values():
         x = np.array(sequences)  # [M, n]
         logits_a = np.asarray(forward(jnp.concatenate([jnp.broadcast_to(PROMPT_A, (len(x), 3)), x], 1)), np.float64)[:, 2:-1]
         logits_b = np.asarray(forward(jnp.concatenate([jnp.broadcast_to(PROMPT_B, (len(x), 3)), x], 1)), np.float64)[:, 2:-1]
