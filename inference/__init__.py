@@ -16,8 +16,17 @@ from ppl.inference.resampling import get_resampler
 from ppl.inference.sequential import importance, smc
 from ppl.inference.trajectories import replay, score
 from ppl.inference.vi import elbo, fit, iwae
+from ppl.inference.objectives import ctl, distill, posterior_draws, smc_bound, twist_path
+from ppl.inference.bounds import Bounds, bidirectional_bounds
 
 __all__ = [
+    "Bounds",
+    "bidirectional_bounds",
+    "ctl",
+    "distill",
+    "posterior_draws",
+    "smc_bound",
+    "twist_path",
     "PGInfo",
     "PGState",
     "PIMHInfo",

@@ -9,11 +9,15 @@ from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
 from ppl.models.grammar import HostConstraint
 from ppl.models.llama import KVCache, Llama, LlamaConfig
+from ppl.models.heads import ProposalHead, TwistHead, with_twist
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
 from ppl.models.memory import InsufficientMemoryError, MemoryEstimate, available_memory, check_memory, estimate_memory
 from ppl.models.tokenizer import Tokenizer
 
 __all__ = [
+    "ProposalHead",
+    "TwistHead",
+    "with_twist",
     "CheckpointError",
     "HostConstraint",
     "InsufficientMemoryError",

@@ -239,10 +239,20 @@ class Llama(eqx.Module):
         A row already at ``max_len`` is not written (its logits are then meaningless). Rows
         with ``active`` false keep their length: what was written past it is overwritten by
         their next real token, so a batch can wait on some rows without copying the cache."""
+        logits, _, new = self.decode_with_features(cache, tokens, active)
+        return logits, new
+
+    def decode_with_features(
+        self, cache: KVCache, tokens: Int[Array, " B"], active: Bool[Array, " B"] | None = None
+    ) -> tuple[Float[Array, "B V"], Float[Array, "B d"], KVCache]:
+        """:meth:`decode` that also returns each row's features: the last hidden state after
+        the final RMSNorm, which the logits are read from (``logits = features · head^T``).
+        Same forward pass; under ``jit`` the features cost nothing when unused."""
         hidden, new = self.extend(cache, tokens[:, None])
         if active is not None:
             new = KVCache(new.keys, new.values, jnp.where(active, new.lengths, cache.lengths))
-        return self.logits(hidden[:, 0]), new
+        features = self.features(hidden[:, 0])
+        return self.project(features), features, new
 
     def reindex(self, cache: KVCache, ancestors: Int[Array, " B"]) -> KVCache:
         """Row ``i`` of the result is row ``ancestors[i]`` of ``cache`` (resampling)."""
@@ -255,11 +265,27 @@ class Llama(eqx.Module):
 
     # -- the network ----------------------------------------------------------------------
 
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def output_embedding(self) -> Float[Array, "V d"]:
+        """The output projection (the token embedding when tied): ``logits = features · it^T``."""
+        return self.embed if self.lm_head is None else self.lm_head
+
     def logits(self, hidden: Float[Array, "*n d"]) -> Float[Array, "*n V"]:
         """Final RMSNorm and output projection, in float32."""
-        x = _rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
-        head = self.embed if self.lm_head is None else self.lm_head
-        return _linear(x, head).astype(jnp.float32)
+        return self.project(self.features(hidden))
+
+    def features(self, hidden: Float[Array, "*n d"]) -> Float[Array, "*n d"]:
+        """The final RMSNorm of the last layer's output, in float32."""
+        return _rms_norm(hidden, self.final_norm, self.config.rms_norm_eps).astype(jnp.float32)
+
+    def project(self, features: Float[Array, "*n d"]) -> Float[Array, "*n V"]:
+        """Logits from features (the output projection), in float32."""
+        head = self.output_embedding
+        return _linear(features.astype(head.dtype), head).astype(jnp.float32)
 
     def extend(self, cache: KVCache, tokens: Int[Array, "B T"]) -> tuple[Float[Array, "B T d"], KVCache]:
         """Append ``T`` tokens to each row of ``cache``; return their final hidden states.

@@ -18,11 +18,13 @@ from ppl.distributions import LanguageModel, NextToken, check_prompt, prompt_cac
 from ppl.generation import Generation, TokenState
 from ppl.handlers import log_density, log_weight, observe, pin, propose, temper
 from ppl.lm import ParticleCache
+from ppl.lm import FeatureLM
 from ppl.lookahead import AcceptanceTwist
 from ppl.program import StateSpace, run_weighted
 from ppl.results import AllDeadError, MCMCResult, SMCResult
 
 __all__ = [
+    "FeatureLM",
     "AllDeadError",
     "AcceptanceTwist",
     "Generation",

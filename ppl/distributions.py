@@ -81,10 +81,17 @@ class NextToken(Categorical):
         last_tokens: ``[B]`` each row's last token, not yet in the cache; building the
             distribution feeds it (one batched decode) and keeps the new cache in ``.cache``.
         active: ``[B]`` rows to advance (default all); the others keep their history.
+
+    With a :class:`ppl.lm.FeatureLM` the same decode also keeps each row's features (the last
+    hidden state, ``[B, hidden_size]``) in ``.features``, for learned twists and proposals
+    (``ppl.models.heads``); otherwise ``.features`` is ``None``.
     """
 
     def __init__(self, lm: LM, cache: Cache, last_tokens: Int[Array, " B"], active: Bool[Array, " B"] | None = None):
-        logits, self.cache = lm.decode(cache, last_tokens, active)
+        if hasattr(lm, "decode_with_features"):
+            logits, self.features, self.cache = lm.decode_with_features(cache, last_tokens, active)
+        else:
+            (logits, self.cache), self.features = lm.decode(cache, last_tokens, active), None
         super().__init__(logits=logits)
 
 

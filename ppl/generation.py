@@ -96,6 +96,24 @@ def _masked_logits(logits: Float[Array, "N V"], allowed: Bool[Array, "N V"]) -> 
     return jnp.where(jnp.any(allowed, axis=-1, keepdims=True), masked, logits)
 
 
+def _call_twist(twist: Callable, state: TokenState, next_token: NextToken) -> Float[Array, "N V"]:
+    """``twist(state)``, or ``twist(state, features)`` for a twist that declares
+    ``uses_features`` (a learned head, ``ppl.models.heads``): the decode's features, no
+    second forward pass. The shape is checked here, while tracing."""
+    if getattr(twist, "uses_features", False):
+        if next_token.features is None:
+            raise TypeError("this twist needs the decode's features: use an LM with decode_with_features (ppl.lm.FeatureLM)")
+        log_twist = twist(state, next_token.features)
+    else:
+        log_twist = twist(state)
+    if jnp.shape(log_twist) != next_token.logits.shape:
+        raise ValueError(
+            f"twist returned shape {list(jnp.shape(log_twist))}; it must give log psi of every next token, "
+            f"[particles, vocab] = {list(next_token.logits.shape)}"
+        )
+    return log_twist
+
+
 class Generation(StateSpace):
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` under a constraint and
     potentials; see the module docstring for the target, the proposals and chunk steps.
@@ -115,7 +133,8 @@ class Generation(StateSpace):
             (``ppl.models.constraints.delimiter_tokens``).
         step: ``"token"`` or ``"chunk"`` (needs ``delimiter``).
         max_chunks: finish a sequence after this many delimiters.
-        twist: ``twist(state) -> [N, V]`` log twist of every next token (token steps only).
+        twist: ``twist(state) -> [N, V]`` log twist of every next token (token steps only);
+            ``twist(state, features)`` if it sets ``uses_features`` (``ppl.models.heads``).
         max_len: the KV-cache buffer (default: exactly what the prompt and budget need).
     """
 
@@ -263,7 +282,7 @@ class Generation(StateSpace):
         allowed = self.allowed(state)
         proposal_logits = next_token.logits
         if self.twist is not None:
-            log_twist = self.twist(state)
+            log_twist = _call_twist(self.twist, state, next_token)
             proposal_logits = proposal_logits + log_twist
         if allowed is not None and self.proposal == "locally_optimal":
             proposal_logits = _masked_logits(proposal_logits, allowed)

@@ -98,6 +98,28 @@ class LM(Protocol):
 
 
 @runtime_checkable
+class FeatureLM(LM, Protocol):
+    """An :class:`LM` whose decode can also return the features it read the logits from, in
+    the same forward pass: what learned twists and proposals (``ppl.models.heads``) run on.
+
+    ``output_embedding`` is the ``[V, hidden_size]`` output projection (the tied token
+    embedding for most small LMs), so ``logits = features · output_embedding^T``.
+    """
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def output_embedding(self) -> Float[Array, "V d"]: ...
+
+    def decode_with_features(
+        self, cache: Cache, tokens: Int[Array, " B"], active: Bool[Array, " B"] | None = None
+    ) -> tuple[Float[Array, "B V"], Float[Array, "B d"], Cache]:
+        """:meth:`LM.decode` that also returns each row's ``[hidden_size]`` features."""
+        ...
+
+
+@runtime_checkable
 class Tokenizer(Protocol):
     """What inference needs from a tokenizer: ids, text, and every token's raw bytes."""
 

@@ -62,7 +62,7 @@ def test_trained_guide_closes_the_elbo_gap(hmm):
     guide = TableGuide(jnp.zeros((hmm.n_steps, 3, 3)))
     objective = lambda g, key: elbo(program, g, key, n_samples=32)  # noqa: E731
     optimiser = optax.adam(optax.cosine_decay_schedule(0.1, 600))
-    trained, trace = jax.jit(lambda g, key: fit(objective, g, optimiser, key, 600))(guide, jax.random.key(0))
+    trained, trace = fit(objective, guide, jax.random.key(0), 600, optimiser)
     log_z = float(hmm.log_z())
     before = float(elbo(program, guide, jax.random.key(1), 10_000))
     after = float(elbo(program, trained, jax.random.key(1), 10_000))
