@@ -22,6 +22,8 @@ def hf_model(path) -> torch.nn.Module:
         model = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(**hf_config_dict(config)), dtype=torch.float32
         )
-    model.load_state_dict({n: torch.from_numpy(tensor(n)) for n in model.state_dict() if n != "lm_head.weight"}, strict=False)
+    model.load_state_dict(
+        {n: torch.from_numpy(tensor(n)) for n in model.state_dict() if n != "lm_head.weight"}, strict=False
+    )
     model.tie_weights()
     return model.eval()

@@ -71,7 +71,16 @@ from ppl.models.constraints import TokenDFA, from_char_dfa, intersect, regex  # 
 
 BUDGET = 48
 WORD = "[A-Za-z',]+"
-TOPICS = ["the sea", "an old library", "winter mornings", "a busy market", "the moon", "a small dog", "baking bread", "a long train ride"]
+TOPICS = [
+    "the sea",
+    "an old library",
+    "winter mornings",
+    "a busy market",
+    "the moon",
+    "a small dog",
+    "baking bread",
+    "a long train ride",
+]
 WORDS = ["river", "light", "green", "music", "quiet", "bread", "stone", "dream", "smile", "cloud", "garden", "window"]
 METHODS = ("sample", "rejection", "is", "smc", "smc_twist")
 
@@ -89,18 +98,36 @@ def _tasks(rng: np.random.Generator) -> list[Task]:
     n_chars, k, n_words = int(rng.integers(30, 61)), int(rng.integers(4, 7)), int(rng.integers(10, 15))
     contains = lambda w: f"({WORD} )*{w}( {WORD})*\\."  # noqa: E731
     return [
-        Task("char_count", f"Write one sentence of exactly {n_chars} characters, spaces included, about {topic()}.",
-             (f"[A-Z][A-Za-z ,']{{{n_chars - 2}}}\\.",)),
-        Task("word_positions", f"Write one sentence of exactly 8 words about {topic()}: the third word is '{a}' and the last word is '{b}'.",
-             (f"{WORD} {WORD} {a} {WORD} {WORD} {WORD} {WORD} {b}\\.",)),
-        Task("word_length", f"Write one sentence of at least 8 words about {topic()} in which no word has more than {k} letters.",
-             (f"[A-Za-z',]{{1,{k}}}( [A-Za-z',]{{1,{k}}}){{7,}}\\.",)),
-        Task("required_words", f"Write one sentence that uses the words '{a}', '{b}' and '{c}'.",
-             (contains(a), contains(b), contains(c))),
-        Task("word_count", f"Write one sentence of exactly {n_words} words about {topic()}.",
-             (f"{WORD}( {WORD}){{{n_words - 1}}}\\.",)),
-        Task("ends_with", f"Write one sentence about {topic()} that ends with the word '{c}'.",
-             (f"{WORD}( {WORD})* {c}\\.",)),
+        Task(
+            "char_count",
+            f"Write one sentence of exactly {n_chars} characters, spaces included, about {topic()}.",
+            (f"[A-Z][A-Za-z ,']{{{n_chars - 2}}}\\.",),
+        ),
+        Task(
+            "word_positions",
+            f"Write one sentence of exactly 8 words about {topic()}: the third word is '{a}' and the last word is '{b}'.",
+            (f"{WORD} {WORD} {a} {WORD} {WORD} {WORD} {WORD} {b}\\.",),
+        ),
+        Task(
+            "word_length",
+            f"Write one sentence of at least 8 words about {topic()} in which no word has more than {k} letters.",
+            (f"[A-Za-z',]{{1,{k}}}( [A-Za-z',]{{1,{k}}}){{7,}}\\.",),
+        ),
+        Task(
+            "required_words",
+            f"Write one sentence that uses the words '{a}', '{b}' and '{c}'.",
+            (contains(a), contains(b), contains(c)),
+        ),
+        Task(
+            "word_count",
+            f"Write one sentence of exactly {n_words} words about {topic()}.",
+            (f"{WORD}( {WORD}){{{n_words - 1}}}\\.",),
+        ),
+        Task(
+            "ends_with",
+            f"Write one sentence about {topic()} that ends with the word '{c}'.",
+            (f"{WORD}( {WORD})* {c}\\.",),
+        ),
     ]
 
 
@@ -136,8 +163,13 @@ def _pad_dfa(dfa: TokenDFA, n_states: int, n_classes: int) -> TokenDFA:
     table[: dfa.transitions.shape[0], : dfa.transitions.shape[1]] = np.asarray(dfa.transitions)
     accepting = np.zeros(n_states, bool)
     accepting[: dfa.accepting.shape[0]] = np.asarray(dfa.accepting)
-    return TokenDFA(token_class=dfa.token_class, transitions=jnp.asarray(table), accepting=jnp.asarray(accepting),
-                    initial=dfa.initial, eos_token_id=dfa.eos_token_id)
+    return TokenDFA(
+        token_class=dfa.token_class,
+        transitions=jnp.asarray(table),
+        accepting=jnp.asarray(accepting),
+        initial=dfa.initial,
+        eos_token_id=dfa.eos_token_id,
+    )
 
 
 def _prompts(instructions: list[str], tokenizer) -> np.ndarray:
@@ -190,7 +222,9 @@ def main() -> None:
     for task in tasks:
         began = time.perf_counter()
         dfas.append(_constraint(task, tokenizer))
-        print(f"{task.name}: {dfas[-1].transitions.shape} table in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+        print(
+            f"{task.name}: {dfas[-1].transitions.shape} table in {time.perf_counter() - began:.1f} s", file=sys.stderr
+        )
     print(f"compiled {len(dfas)} constraints in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     n_states = max(d.transitions.shape[0] for d in dfas)
     n_classes = max(d.transitions.shape[1] for d in dfas)
@@ -201,8 +235,16 @@ def main() -> None:
         if not constrained:
             return ppl.Generation(lm, prompts[i], BUDGET, eos)
         lookahead = ppl.AcceptanceTwist(dfas[i], BUDGET, args.nats_per_token) if twist else None
-        return ppl.Generation(lm, prompts[i], BUDGET, eos, constraint=dfas[i], proposal="locally_optimal",
-                              require_eos=True, twist=lookahead)
+        return ppl.Generation(
+            lm,
+            prompts[i],
+            BUDGET,
+            eos,
+            constraint=dfas[i],
+            proposal="locally_optimal",
+            require_eos=True,
+            twist=lookahead,
+        )
 
     runners = {
         "sample": lambda i, key, n: importance(program(i, False), key, n),
@@ -223,26 +265,64 @@ def main() -> None:
                 drawn = _texts(result, tokenizer)
                 if method == "sample":
                     passing = [(ids, text) for ids, text in drawn if ok(text)]
-                    rows.append(("sample", n, task.name, float(np.mean([ok(t) for _, t in drawn])), False,
-                                 statistics.mean(_fluency(lm, prompts[i], ids, eos) for ids, _ in passing) if passing else None, seconds))
+                    rows.append(
+                        (
+                            "sample",
+                            n,
+                            task.name,
+                            float(np.mean([ok(t) for _, t in drawn])),
+                            False,
+                            statistics.mean(_fluency(lm, prompts[i], ids, eos) for ids, _ in passing)
+                            if passing
+                            else None,
+                            seconds,
+                        )
+                    )
                     first = passing[0] if passing else None
-                    rows.append(("rejection", n, task.name, float(first is not None), False,
-                                 _fluency(lm, prompts[i], first[0], eos) if first else None, seconds))
+                    rows.append(
+                        (
+                            "rejection",
+                            n,
+                            task.name,
+                            float(first is not None),
+                            False,
+                            _fluency(lm, prompts[i], first[0], eos) if first else None,
+                            seconds,
+                        )
+                    )
                     continue
                 dead = bool(result.all_dead)
                 answer = None if dead else result.sample(jax.random.key(i), 1)
-                ids, text = (None, None) if dead else (np.asarray(answer.tokens[0])[: int(answer.length[0])].tolist(), None)
+                ids, text = (
+                    (None, None) if dead else (np.asarray(answer.tokens[0])[: int(answer.length[0])].tolist(), None)
+                )
                 text = None if dead else tokenizer.decode(ids)
                 passed = text is not None and ok(text)
-                rows.append((method, n, task.name, float(passed), dead,
-                             _fluency(lm, prompts[i], ids, eos) if passed else None, seconds))
-                print(f"{method:>9} N={n:<3} {task.name:<15} pass={passed!s:<5} dead={dead!s:<5} {seconds:6.2f}s  {text!r}", file=sys.stderr)
+                rows.append(
+                    (
+                        method,
+                        n,
+                        task.name,
+                        float(passed),
+                        dead,
+                        _fluency(lm, prompts[i], ids, eos) if passed else None,
+                        seconds,
+                    )
+                )
+                print(
+                    f"{method:>9} N={n:<3} {task.name:<15} pass={passed!s:<5} dead={dead!s:<5} {seconds:6.2f}s  {text!r}",
+                    file=sys.stderr,
+                )
     _report(rows, sizes)
 
 
 def _report(rows, sizes) -> None:
     def stat(method, n, column, task=None):
-        values = [r[column] for r in rows if r[0] == method and r[1] == n and (task is None or r[2] == task) and r[column] is not None]
+        values = [
+            r[column]
+            for r in rows
+            if r[0] == method and r[1] == n and (task is None or r[2] == task) and r[column] is not None
+        ]
         return float(np.mean(values)) if values else float("nan")
 
     names = list(dict.fromkeys(r[2] for r in rows))
@@ -251,8 +331,10 @@ def _report(rows, sizes) -> None:
     for n in sizes:
         for method in METHODS:
             per_task = " | ".join(f"{stat(method, n, 3, name):.2f}" for name in names)
-            print(f"| {method} | {n} | {stat(method, n, 3):.3f} | {per_task} | {stat(method, n, 4):.3f} | "
-                  f"{stat(method, n, 5):.3f} | {stat(method, n, 6):.2f} |")
+            print(
+                f"| {method} | {n} | {stat(method, n, 3):.3f} | {per_task} | {stat(method, n, 4):.3f} | "
+                f"{stat(method, n, 5):.3f} | {stat(method, n, 6):.2f} |"
+            )
     dead = [r[4] for r in rows if r[0] in ("is", "smc", "smc_twist") and r[1] == 8]
     print(f"RESULT collie_pass_smc_twist_n8={stat('smc_twist', 8, 3):.3f}")
     print(f"RESULT collie_fluency_twist_gain={stat('smc_twist', 8, 5) - stat('is', 8, 5):.3f}")

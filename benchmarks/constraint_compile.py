@@ -36,15 +36,24 @@ from pathlib import Path
 
 from outlines_core.json_schema import build_regex_from_schema
 
-_PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 20},
-    "age": {"type": "integer", "minimum": 0},
-    "role": {"enum": ["admin", "editor", "viewer"]}}, "required": ["name", "age", "role"]}
-_EVENT = {"type": "object", "properties": {
-    "title": {"type": "string", "maxLength": 40},
-    "date": {"type": "string", "format": "date"},
-    "attendees": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3}},
-    "required": ["title", "date"]}
+_PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0},
+        "role": {"enum": ["admin", "editor", "viewer"]},
+    },
+    "required": ["name", "age", "role"],
+}
+_EVENT = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "date": {"type": "string", "format": "date"},
+        "attendees": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3},
+    },
+    "required": ["title", "date"],
+}
 _FRUIT = "(apple|banana|cherry|dragonfruit|elderberry|fig|grape)"
 
 CORPUS = {
@@ -74,8 +83,11 @@ def _peak_rss_mb() -> float:
 
 def _summary(dfa) -> dict:
     n_states, n_classes = dfa.transitions.shape
-    return {"states": n_states, "classes": n_classes,
-            "table_bytes": 4 * dfa.vocab_size + 4 * n_states * n_classes + n_states}
+    return {
+        "states": n_states,
+        "classes": n_classes,
+        "table_bytes": 4 * dfa.vocab_size + 4 * n_states * n_classes + n_states,
+    }
 
 
 def _outlines_route(pattern: str, tokenizer) -> tuple[object, float]:
@@ -84,6 +96,7 @@ def _outlines_route(pattern: str, tokenizer) -> tuple[object, float]:
     from outlines_core import Index, Vocabulary
 
     from ppl.models.constraints import DEAD, _compress, _never
+
     eos = tokenizer.eos_token_id
     spellings: dict[bytes, list[int]] = {}
     for token, data in enumerate(tokenizer.vocab_bytes):
@@ -107,16 +120,17 @@ def _outlines_route(pattern: str, tokenizer) -> tuple[object, float]:
     token_class[read] = np.arange(len(read))
     accepting = np.zeros(len(states), bool)
     accepting[[states[s] for s in finals]] = True
-    dfa = _compress(table, token_class, accepting, states[index.get_initial_state()], eos, _never(tokenizer),
-                    pattern)
+    dfa = _compress(table, token_class, accepting, states[index.get_initial_state()], eos, _never(tokenizer), pattern)
     return dfa, index_s
 
 
 def _worker(route: str, pattern: str, gib: float) -> dict:
     from _cpus import pin
+
     pin(1)
     from ppl.models import constraints, smollm2_path
     from ppl.models.tokenizer import Tokenizer
+
     tokenizer = Tokenizer.from_gguf(smollm2_path())
     if route == "outlines":  # cap the address space at what the process holds now plus ``gib``
         status = Path("/proc/self/status").read_text()
@@ -159,16 +173,17 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ppl", "outlines"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps({**_worker(args.worker, CORPUS[args.only[0]], args.outlines_gib),
-                          "peak_rss_mb": _peak_rss_mb()}))
+        print(
+            json.dumps({**_worker(args.worker, CORPUS[args.only[0]], args.outlines_gib), "peak_rss_mb": _peak_rss_mb()})
+        )
         return
     for name in args.only:
         for route in args.routes:
             result = _run(route, name, args)
             print(f"# {name} {route}: {json.dumps(result)}", flush=True)
             for key, value in result.items():
-                print(f"RESULT {key}.{route}.{name}={value if isinstance(value, str) else round(value, 3)}",
-                      flush=True)
+                print(f"RESULT {key}.{route}.{name}={value if isinstance(value, str) else round(value, 3)}", flush=True)
+
 
 if __name__ == "__main__":
     main()

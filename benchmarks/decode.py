@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-
 from _hf_twin import hf_model  # benchmarks/ is on sys.path when this script runs
+
 from ppl.models import Llama, load_gguf, smollm2_path
 
 PROMPT_LEN, NEW_TOKENS, BATCHES = 16, 32, (1, 8, 64)
@@ -109,13 +109,21 @@ def main() -> None:
         same_tokens[batch] = np.array_equal(np.asarray(ppl_tokens).T, hf_tokens.numpy())
         results[batch] = (batch * NEW_TOKENS / min(ppl_times), batch * NEW_TOKENS / min(hf_times))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print(f"SmolLM2-135M fp32, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, best of {args.repeats}; load {load_s:.1f} s")
-    print(f"{'batch':>5} {'ppl tok/s':>10} {'HF tok/s':>10} {'ratio':>6} {'ppl ms/step':>11} {'HF ms/step':>10} {'compile s':>9} {'same tokens':>11}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"SmolLM2-135M fp32, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, best of {args.repeats}; load {load_s:.1f} s"
+    )
+    print(
+        f"{'batch':>5} {'ppl tok/s':>10} {'HF tok/s':>10} {'ratio':>6} {'ppl ms/step':>11} {'HF ms/step':>10} {'compile s':>9} {'same tokens':>11}"
+    )
     for batch, (ours, theirs) in results.items():
-        print(f"{batch:>5} {ours:>10.1f} {theirs:>10.1f} {ours / theirs:>6.2f} {1000 * batch / ours:>11.1f} "
-              f"{1000 * batch / theirs:>10.1f} {compile_s[batch]:>9.1f} {str(same_tokens[batch]):>11}")
+        print(
+            f"{batch:>5} {ours:>10.1f} {theirs:>10.1f} {ours / theirs:>6.2f} {1000 * batch / ours:>11.1f} "
+            f"{1000 * batch / theirs:>10.1f} {compile_s[batch]:>9.1f} {str(same_tokens[batch]):>11}"
+        )
     print(f"peak RSS: {ppl_rss:.2f} GiB after ppl (load + compile + decode), {peak_rss_gib():.2f} GiB with HF too")
     print(f"RESULT decode_ratio_b8={results[8][0] / results[8][1]:.2f}")
     print(f"RESULT decode_ratio_b64={results[64][0] / results[64][1]:.2f}")

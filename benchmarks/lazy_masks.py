@@ -23,13 +23,15 @@ import time
 
 from _cpus import pin  # benchmarks/ is on sys.path when this script runs
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "age": {"type": "integer", "minimum": 0}},
-          "required": ["name", "age"]}
-ARITHMETIC = r'''start: expr
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name", "age"],
+}
+ARITHMETIC = r"""start: expr
 expr: term (("+" | "-" | "*") term)*
 term: NUMBER | "(" expr ")"
-NUMBER: /[0-9]{1,3}/'''
+NUMBER: /[0-9]{1,3}/"""
 
 
 def main() -> None:
@@ -46,8 +48,12 @@ def main() -> None:
     from ppl.models import constraints, grammar, smollm2
 
     lm, tokenizer = smollm2()
-    json_prompt = tokenizer.encode_chat([{"role": "user", "content": "Describe Ada Lovelace as JSON with her name and age."}])
-    math_prompt = tokenizer.encode_chat([{"role": "user", "content": "Write an arithmetic expression with parentheses."}])
+    json_prompt = tokenizer.encode_chat(
+        [{"role": "user", "content": "Describe Ada Lovelace as JSON with her name and age."}]
+    )
+    math_prompt = tokenizer.encode_chat(
+        [{"role": "user", "content": "Write an arithmetic expression with parentheses."}]
+    )
     pattern = build_regex_from_schema(json.dumps(SCHEMA))
     configurations = {
         "json_table": (json_prompt, lambda: constraints.regex(pattern, tokenizer)),
@@ -59,8 +65,15 @@ def main() -> None:
         start = time.perf_counter()
         constraint = build()
         built = time.perf_counter() - start
-        program = ppl.Generation(lm, prompt, args.tokens, tokenizer.eos_token_id, constraint=constraint,
-                                 proposal="locally_optimal", require_eos=True)
+        program = ppl.Generation(
+            lm,
+            prompt,
+            args.tokens,
+            tokenizer.eos_token_id,
+            constraint=constraint,
+            proposal="locally_optimal",
+            require_eos=True,
+        )
         start = time.perf_counter()
         jax.block_until_ready(smc(program, jax.random.key(0), args.particles))
         first = time.perf_counter() - start
@@ -68,8 +81,11 @@ def main() -> None:
         result = jax.block_until_ready(smc(program, jax.random.key(1), args.particles))
         seconds[name] = time.perf_counter() - start
         host_calls = getattr(getattr(constraint, "store", None), "calls", 0)
-        print(f"# {name}: build {built:.2f}s, first run (with compile) {first:.2f}s, timed run {seconds[name]:.2f}s, "
-              f"host calls {host_calls}, log Z {float(result.log_z):.3f}", flush=True)
+        print(
+            f"# {name}: build {built:.2f}s, first run (with compile) {first:.2f}s, timed run {seconds[name]:.2f}s, "
+            f"host calls {host_calls}, log Z {float(result.log_z):.3f}",
+            flush=True,
+        )
         print(f"RESULT lazy_masks_s.{name}={seconds[name]:.3f}", flush=True)
     print(f"RESULT lazy_masks_slowdown={seconds['json_lazy'] / seconds['json_table']:.2f}")
 

@@ -65,7 +65,9 @@ def run(program, tokenizer, n, seed, move=None, every=1):
     result = jax.block_until_ready(smc(program, key, n, rejuvenate=move, rejuvenate_every=every))
     seconds = time.perf_counter() - start
     lengths = np.asarray(result.particles.length)
-    texts = [tokenizer.decode(row[:length].tolist()) for row, length in zip(np.asarray(result.particles.tokens), lengths)]
+    texts = [
+        tokenizer.decode(row[:length].tolist()) for row, length in zip(np.asarray(result.particles.tokens), lengths)
+    ]
     weights = np.asarray(result.weights, np.float64)
     alive = [text for text, weight in zip(texts, weights) if weight > 0]
     draws = np.random.default_rng(seed).choice(len(texts), size=PARTICLES, p=weights / weights.sum())
@@ -74,7 +76,9 @@ def run(program, tokenizer, n, seed, move=None, every=1):
         "distinct": len(set(alive)),
         "distinct32": len({texts[i] for i in draws}),
         "log_z": float(result.log_z),
-        "acceptance": float(np.mean(np.asarray(result.acceptance_rate)[np.asarray(result.acceptance_rate) > 0])) if move else float("nan"),
+        "acceptance": float(np.mean(np.asarray(result.acceptance_rate)[np.asarray(result.acceptance_rate) > 0]))
+        if move
+        else float("nan"),
         "with_e": sum("e" in text.lower() for text in alive),
         "example": texts[int(np.argmax(weights))],
     }
@@ -96,16 +100,21 @@ def main() -> None:
 
     lm, tokenizer = smollm2()
     prompt = tokenizer.encode(PROMPT)
-    program = ppl.Generation(lm, prompt, NEW_TOKENS, tokenizer.eos_token_id,
-                             constraint=lipogram("e", tokenizer), proposal="locally_optimal")
+    program = ppl.Generation(
+        lm, prompt, NEW_TOKENS, tokenizer.eos_token_id, constraint=lipogram("e", tokenizer), proposal="locally_optimal"
+    )
     move = suffix_mh(args.lag)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, pinned to {args.threads}; jax {jax.__version__}")
     print(f"lipogram, SmolLM2-135M-Instruct, T={NEW_TOKENS}, suffix_mh(lag={args.lag}) every {args.every} steps")
 
-    compile_s = {"plain N=32": timed_compile(program, tokenizer, PARTICLES),
-                 "move N=32": timed_compile(program, tokenizer, PARTICLES, move, args.every)}
-    probe = {"plain": run(program, tokenizer, PARTICLES, 0)["seconds"],
-             "move": run(program, tokenizer, PARTICLES, 0, move, args.every)["seconds"]}
+    compile_s = {
+        "plain N=32": timed_compile(program, tokenizer, PARTICLES),
+        "move N=32": timed_compile(program, tokenizer, PARTICLES, move, args.every),
+    }
+    probe = {
+        "plain": run(program, tokenizer, PARTICLES, 0)["seconds"],
+        "move": run(program, tokenizer, PARTICLES, 0, move, args.every)["seconds"],
+    }
     sizes, times = [PARTICLES], [probe["plain"]]
     for n in (48, 64, 96, 128):
         timed_compile(program, tokenizer, n)
@@ -117,7 +126,9 @@ def main() -> None:
     equal = max(equal, PARTICLES)
     if equal not in sizes:
         compile_s[f"plain N={equal}"] = timed_compile(program, tokenizer, equal)
-    print(f"time per run at N = {sizes}: {[round(t, 2) for t in times]} s; rejuvenated N=32: {probe['move']:.2f} s -> equal-time N = {equal}")
+    print(
+        f"time per run at N = {sizes}: {[round(t, 2) for t in times]} s; rejuvenated N=32: {probe['move']:.2f} s -> equal-time N = {equal}"
+    )
 
     systems = {"plain N=32": (PARTICLES, None), "move N=32": (PARTICLES, move), f"plain N={equal}": (equal, None)}
     results = {name: [] for name in systems}
@@ -125,13 +136,17 @@ def main() -> None:
         for name, (n, kernel) in systems.items():
             results[name].append(run(program, tokenizer, n, seed, kernel, args.every))
 
-    print(f"{'system':<16} {'s/run':>7} {'distinct':>9} {'distinct@32':>12} {'log Ẑ mean ± sd':>18} {'accept':>7} {'with e':>7}")
+    print(
+        f"{'system':<16} {'s/run':>7} {'distinct':>9} {'distinct@32':>12} {'log Ẑ mean ± sd':>18} {'accept':>7} {'with e':>7}"
+    )
     for name, runs in results.items():
         log_z = [r["log_z"] for r in runs]
-        print(f"{name:<16} {statistics.median(r['seconds'] for r in runs):>7.2f} "
-              f"{statistics.mean(r['distinct'] for r in runs):>9.1f} {statistics.mean(r['distinct32'] for r in runs):>12.1f} "
-              f"{statistics.mean(log_z):>9.3f} ± {statistics.stdev(log_z):<6.3f} "
-              f"{statistics.mean(r['acceptance'] for r in runs):>7.3f} {sum(r['with_e'] for r in runs):>7}")
+        print(
+            f"{name:<16} {statistics.median(r['seconds'] for r in runs):>7.2f} "
+            f"{statistics.mean(r['distinct'] for r in runs):>9.1f} {statistics.mean(r['distinct32'] for r in runs):>12.1f} "
+            f"{statistics.mean(log_z):>9.3f} ± {statistics.stdev(log_z):<6.3f} "
+            f"{statistics.mean(r['acceptance'] for r in runs):>7.3f} {sum(r['with_e'] for r in runs):>7}"
+        )
     for name, runs in results.items():
         print(f"{name} (highest weight, seed 0): {runs[0]['example']!r}")
     print(f"compile s: {', '.join(f'{k} {v:.1f}' for k, v in compile_s.items())}")

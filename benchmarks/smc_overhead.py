@@ -43,7 +43,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
@@ -135,8 +135,11 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--single-core", action="store_true",
-                        help="one core, single-threaded XLA, CPU time instead of wall time (see above)")
+    parser.add_argument(
+        "--single-core",
+        action="store_true",
+        help="one core, single-threaded XLA, CPU time instead of wall time (see above)",
+    )
     args = parser.parse_args()
     clock = time.process_time if args.single_core else time.perf_counter
     n = args.particles
@@ -164,17 +167,25 @@ def main() -> None:
     for repeat in range(args.repeats):
         for rule, threshold in rules.items():
             for name, fn in implementations.items():  # interleaved: same machine load for each
-                elapsed, out = seconds(fn, ssm, jax.random.fold_in(run_key, repeat), jnp.float32(threshold), clock=clock)
+                elapsed, out = seconds(
+                    fn, ssm, jax.random.fold_in(run_key, repeat), jnp.float32(threshold), clock=clock
+                )
                 times[name, rule].append(elapsed)
                 estimates.setdefault((name, rule), float(out if name != "ppl smc (full SMCResult)" else out.log_z))
 
     timing = "single core, process CPU time" if args.single_core else f"{len(os.sched_getaffinity(0))} cores, wall time"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} ({jax.default_backend()}); "
-          f"timing: {timing}")
-    print(f"LGSSM D=O={STATE_DIM}, T={args.steps} ({args.steps - 1} SMC steps), N={n}, bootstrap, systematic; "
-          f"best of {args.repeats}; exact log Z (Kalman) = {exact_log_z:.3f}")
-    header = (f"{'implementation':<26} {'rule':<18} {'best ms':>9} {'median ms':>9} {'us/step':>8} {'vs hand':>7} "
-              f"{'paired':>7} {'log Ẑ':>11} {'log Ẑ - log Z':>13} {'compile s':>9}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} ({jax.default_backend()}); "
+        f"timing: {timing}"
+    )
+    print(
+        f"LGSSM D=O={STATE_DIM}, T={args.steps} ({args.steps - 1} SMC steps), N={n}, bootstrap, systematic; "
+        f"best of {args.repeats}; exact log Z (Kalman) = {exact_log_z:.3f}"
+    )
+    header = (
+        f"{'implementation':<26} {'rule':<18} {'best ms':>9} {'median ms':>9} {'us/step':>8} {'vs hand':>7} "
+        f"{'paired':>7} {'log Ẑ':>11} {'log Ẑ - log Z':>13} {'compile s':>9}"
+    )
     print(header)
     print("-" * len(header))
     for rule in rules:
@@ -185,9 +196,11 @@ def main() -> None:
             # Median over repeats of (this / hand-written) within the same repeat: the two ran
             # seconds apart, so this ratio is less sensitive to other jobs' load than best/best.
             paired = statistics.median(a / b for a, b in zip(times[name, rule], times["hand-written", rule]))
-            print(f"{name:<26} {rule:<18} {1000 * best:>9.1f} {1000 * median:>9.1f} "
-                  f"{1e6 * best / (args.steps - 1):>8.1f} {best / reference:>7.3f} {paired:>7.3f} {estimate:>11.3f} "
-                  f"{estimate - exact_log_z:>13.3f} {compile_s[name]:>9.2f}")
+            print(
+                f"{name:<26} {rule:<18} {1000 * best:>9.1f} {1000 * median:>9.1f} "
+                f"{1e6 * best / (args.steps - 1):>8.1f} {best / reference:>7.3f} {paired:>7.3f} {estimate:>11.3f} "
+                f"{estimate - exact_log_z:>13.3f} {compile_s[name]:>9.2f}"
+            )
     ratio = min(times["ppl smc (log_z)", "adaptive ESS<0.5N"]) / min(times["hand-written", "adaptive ESS<0.5N"])
     every_step = min(times["ppl smc (log_z)", "every step"]) / min(times["hand-written", "every step"])
     print(f"RESULT smc_overhead_ratio_every_step={every_step:.3f}")

@@ -81,8 +81,11 @@ def main() -> None:
         sys.exit(f"only {len(exact)} exact posterior samples; raise --draws")
     positives, held_out = {"token": jnp.asarray(exact[:half])}, {"token": jnp.asarray(exact[half:])}
     ending_text = tokenizer.decode([int(v) for v in task.program.ending])
-    print(f"ending {ending_text!r}: {len(exact)} exact posterior samples of {args.draws} draws "
-          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    print(
+        f"ending {ending_text!r}: {len(exact)} exact posterior samples of {args.draws} draws "
+        f"({time.perf_counter() - start:.1f} s)",
+        flush=True,
+    )
 
     program = task.program
     head = TwistHead(lm, args.rank, jax.random.key(1))
@@ -90,8 +93,11 @@ def main() -> None:
     start = time.perf_counter()
     head, trace = fit(objective, head, jax.random.key(2), args.steps, optax.adam(args.lr), progress=True)
     train_s = time.perf_counter() - start
-    print(f"training: {args.steps} CTL steps in {train_s:.1f} s (compile included); "
-          f"log Ẑ trace first 5 {np.round(trace[:5], 2)}, last 5 {np.round(trace[-5:], 2)}", flush=True)
+    print(
+        f"training: {args.steps} CTL steps in {train_s:.1f} s (compile included); "
+        f"log Ẑ trace first 5 {np.round(trace[:5], 2)}, last 5 {np.round(trace[-5:], 2)}",
+        flush=True,
+    )
     twisted = with_twist(program, head)
 
     def lower(prog, n):
@@ -116,8 +122,10 @@ def main() -> None:
         mean, se = mean_se(values)
         print(f"{name:28s} E[log Ẑ] = {mean:8.3f} ± {se:.3f}")
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"evaluation {eval_s:.1f} s; peak RSS {peak_gib:.2f} GiB; {len(held_out['token'])} held-out exact samples "
-          f"cycled over {args.seeds} seeds")
+    print(
+        f"evaluation {eval_s:.1f} s; peak RSS {peak_gib:.2f} GiB; {len(held_out['token'])} held-out exact samples "
+        f"cycled over {args.seeds} seeds"
+    )
     print(f"RESULT twist_n8_vs_plain_n64={np.mean(twisted_8) - np.mean(plain_64):.3f}")
     print(f"RESULT bound_gap_n8={np.mean(upper_twisted) - np.mean(twisted_8):.3f}")
     print(f"RESULT bound_gap_n8_untwisted={np.mean(upper_plain) - np.mean(plain_8):.3f}")

@@ -61,7 +61,6 @@ import importlib.metadata
 import math
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -86,13 +85,13 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
+import llamppl  # noqa: E402
 import numpy as np  # noqa: E402
 import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from _hf_twin import hf_model  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 
-import llamppl  # noqa: E402
 import ppl  # noqa: E402
 from ppl.distributions import sample_logits  # noqa: E402
 from ppl.inference import smc  # noqa: E402
@@ -140,6 +139,7 @@ def has_e(text: str) -> bool:
 
 # --- ppl ----------------------------------------------------------------------------------------
 
+
 def ppl_smc(program: ppl.Generation, tok: Tokenizer, n: int, seed: int, ess_threshold: float = ESS_THRESHOLD) -> Run:
     key = jax.random.key(seed)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -150,8 +150,16 @@ def ppl_smc(program: ppl.Generation, tok: Tokenizer, n: int, seed: int, ess_thre
     best = int(np.argmax(np.asarray(result.log_weights)))
     texts = [tok.decode(row[:length].tolist()) for row, length in zip(np.asarray(particles.tokens), lengths)]
     tokens = int(lengths.sum() + np.asarray(particles.ended_with_eos).sum())
-    return Run(seconds, int(result.n_steps), tokens, float(result.log_z), texts[best], cpu_seconds,
-               sum(map(has_e, texts)), int(np.asarray(result.resampled).sum()))
+    return Run(
+        seconds,
+        int(result.n_steps),
+        tokens,
+        float(result.log_z),
+        texts[best],
+        cpu_seconds,
+        sum(map(has_e, texts)),
+        int(np.asarray(result.resampled).sum()),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -177,6 +185,7 @@ def ppl_sample(lm, prompt: jax.Array, n: int, seed: int) -> Run:
 
 
 # --- LLaMPPL ------------------------------------------------------------------------------------
+
 
 class Lipogram(llamppl.Model):
     """LLaMPPL's hard-constraint pattern: observe that the next token is in ``mask`` (the weight
@@ -218,8 +227,9 @@ def llamppl_mask(lm: llamppl.CachedCausalLM) -> set[int]:
     return allowed | {lm.tokenizer.eos_token_id}
 
 
-def llamppl_smc(lm: llamppl.CachedCausalLM, prompt_ids: list[int], mask: set[int], n: int, seed: int,
-                max_tokens: int = NEW_TOKENS) -> Run:
+def llamppl_smc(
+    lm: llamppl.CachedCausalLM, prompt_ids: list[int], mask: set[int], n: int, seed: int, max_tokens: int = NEW_TOKENS
+) -> Run:
     lm.clear_cache()  # forget the previous run's KV and logprobs
     np.random.seed(seed)  # LLaMPPL samples with numpy's global generator
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -230,14 +240,16 @@ def llamppl_smc(lm: llamppl.CachedCausalLM, prompt_ids: list[int], mask: set[int
     assert model.context.tokens == prompt_ids, "LLaMPPL tokenised the prompt differently"
     weights = [p.weight for p in particles]
     eos = lm.tokenizer.eos_token_id
-    texts = [lm.tokenizer.decode([t for t in p.context.tokens[len(prompt_ids):] if t != eos]) for p in particles]
+    texts = [lm.tokenizer.decode([t for t in p.context.tokens[len(prompt_ids) :] if t != eos]) for p in particles]
     steps = max(p.context.token_count for p in particles)  # every unfinished particle gains one per step
     tokens = sum(p.context.token_count for p in particles)
-    return Run(seconds, steps, tokens, logmeanexp(weights), texts[int(np.argmax(weights))], cpu_seconds,
-               sum(map(has_e, texts)))
+    return Run(
+        seconds, steps, tokens, logmeanexp(weights), texts[int(np.argmax(weights))], cpu_seconds, sum(map(has_e, texts))
+    )
 
 
 # --- reporting ----------------------------------------------------------------------------------
+
 
 def tok_per_s(run: Run, n: int) -> float:
     return n * run.steps / run.seconds
@@ -258,10 +270,12 @@ def per_step_ms(runs: list[Run], cpu: bool = False) -> float:
 
 def machine_line() -> str:
     load = os.getloadavg()
-    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; jax {jax.__version__}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads); process pinned to CPUs {sorted(os.sched_getaffinity(0))}; "
-            f"transformers {transformers.__version__}, llamppl {importlib.metadata.version('llamppl')}")
+    return (
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; jax {jax.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); process pinned to CPUs {sorted(os.sched_getaffinity(0))}; "
+        f"transformers {transformers.__version__}, llamppl {importlib.metadata.version('llamppl')}"
+    )
 
 
 def full_cache_copies(program: ppl.Generation, n: int) -> int:
@@ -288,9 +302,11 @@ def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> No
         "SMC lipogram, resample every step (ess 1)": ("lipogram", 1.0),
         "SMC no constraint, prior proposal, ess 0.5": ("free", 0.5),
     }
+
     def lipogram_program(model):
-        return ppl.Generation(model, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint,
-                              proposal="locally_optimal")
+        return ppl.Generation(
+            model, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint, proposal="locally_optimal"
+        )
 
     programs = {
         "lipogram": lipogram_program(lm),
@@ -313,9 +329,11 @@ def profile(lm, tok: Tokenizer, prompt: jax.Array, constraint, seeds: int) -> No
     print(f"  {seeds} runs each (interleaved); median per decode step, wall and process CPU time:")
     for name, rs in runs.items():
         ms, cpu_ms = per_step_ms(rs), per_step_ms(rs, cpu=True)
-        print(f"  {name:<45} wall {ms:6.1f} ms ×{ms / base:.3f}   CPU {cpu_ms:6.1f} ms ×{cpu_ms / base_cpu:.3f}   "
-              f"(min wall ×{min(r.seconds / r.steps for r in rs) / min(r.seconds / r.steps for r in base_runs):.3f}; "
-              f"steps {statistics.median(r.steps for r in rs):.0f}, resamplings {statistics.median(r.resamples for r in rs):.0f})")
+        print(
+            f"  {name:<45} wall {ms:6.1f} ms ×{ms / base:.3f}   CPU {cpu_ms:6.1f} ms ×{cpu_ms / base_cpu:.3f}   "
+            f"(min wall ×{min(r.seconds / r.steps for r in rs) / min(r.seconds / r.steps for r in base_runs):.3f}; "
+            f"steps {statistics.median(r.steps for r in rs):.0f}, resamplings {statistics.median(r.resamples for r in rs):.0f})"
+        )
 
 
 def main() -> None:
@@ -324,8 +342,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="LLaMPPL runs per N (default 5)")
     parser.add_argument("--ppl-seeds", type=int, default=None, help="ppl runs per N (default 4 × seeds)")
     parser.add_argument("--profile", action="store_true", help="also time ppl SMC variants at N = 64")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="cores the process is pinned to, and PyTorch's thread count (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="cores the process is pinned to, and PyTorch's thread count (default 1)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (2 if args.quick else 5)
@@ -336,8 +355,9 @@ def main() -> None:
     prompt_ids = tok.encode(PROMPT)
     prompt = jnp.asarray(prompt_ids, jnp.int32)
     constraint = lipogram("e", tok)
-    program = ppl.Generation(lm, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint,
-                             proposal="locally_optimal")
+    program = ppl.Generation(
+        lm, prompt, NEW_TOKENS, tok.eos_token_id, constraint=constraint, proposal="locally_optimal"
+    )
     hf = hf_model(path)
 
     # Fairness checks: same weights (next-token log-probs after the prompt), same prompt ids
@@ -347,8 +367,10 @@ def main() -> None:
     ppl_logp = np.asarray(jax.nn.log_softmax(lm.prefill(prompt, len(prompt_ids))[0]))
     top = np.argsort(-ppl_logp)[:1000]
     print(f"prompt: {PROMPT!r} = {len(prompt_ids)} tokens {prompt_ids}")
-    print(f"same weights: max |Δ log p| over the 1000 likeliest next tokens after the prompt, ppl vs HF twin = "
-          f"{np.max(np.abs(ppl_logp[top] - hf_logp[top])):.2e}")
+    print(
+        f"same weights: max |Δ log p| over the 1000 likeliest next tokens after the prompt, ppl vs HF twin = "
+        f"{np.max(np.abs(ppl_logp[top] - hf_logp[top])):.2e}"
+    )
     ppl_allowed = set(np.flatnonzero(np.asarray(constraint.mask(constraint.initial))).tolist())
 
     results: dict[int, dict[str, list[Run]]] = {}
@@ -374,33 +396,45 @@ def main() -> None:
             if seed <= seeds:
                 runs["llamppl"].append(llamppl_smc(llm, prompt_ids, mask, n, seed))
                 r = runs["llamppl"][-1]
-                print(f"  N={n} LLaMPPL seed {seed}: {r.seconds:.1f} s, {r.steps} steps, log Ẑ {r.log_z:.3f}", flush=True)
+                print(
+                    f"  N={n} LLaMPPL seed {seed}: {r.seconds:.1f} s, {r.steps} steps, log Ẑ {r.log_z:.3f}", flush=True
+                )
         recompiles = _COMPILES[0] - compiles_before
         assert recompiles == 0, f"ppl recompiled {recompiles} times for new keys"
         results[n] = runs
-        print(f"N={n}: ppl compile + first run {compile_s:.1f} s; recompilations for new keys: {recompiles}", flush=True)
+        print(
+            f"N={n}: ppl compile + first run {compile_s:.1f} s; recompilations for new keys: {recompiles}", flush=True
+        )
 
     print()
     print(machine_line())
-    print(f"SmolLM2-135M-Instruct fp32, lipogram (no 'e'), T={NEW_TOKENS}, systematic resampling at ESS < "
-          f"{ESS_THRESHOLD} N; {seeds} LLaMPPL / {ppl_seeds} ppl runs per N")
-    print(f"{'N':>3} {'system':<13} {'tok/s':>8} {'s/run':>7} {'ms/step':>8} {'CPU ms/step':>11} {'steps':>5} "
-          f"{'tokens':>6} {'log Ẑ mean ± sd':>17}")
+    print(
+        f"SmolLM2-135M-Instruct fp32, lipogram (no 'e'), T={NEW_TOKENS}, systematic resampling at ESS < "
+        f"{ESS_THRESHOLD} N; {seeds} LLaMPPL / {ppl_seeds} ppl runs per N"
+    )
+    print(
+        f"{'N':>3} {'system':<13} {'tok/s':>8} {'s/run':>7} {'ms/step':>8} {'CPU ms/step':>11} {'steps':>5} "
+        f"{'tokens':>6} {'log Ẑ mean ± sd':>17}"
+    )
     speed: dict[tuple[int, str], float] = {}
     for n, runs in results.items():
         for name, label in (("llamppl", "LLaMPPL"), ("ppl", "ppl SMC"), ("sampling", "ppl sampling")):
             rs = runs[name]
             speed[n, name] = statistics.median(tok_per_s(r, n) for r in rs)
             z = mean_sd([r.log_z for r in rs]) if name != "sampling" else "—"
-            print(f"{n:>3} {label:<13} {speed[n, name]:>8.1f} {statistics.median(r.seconds for r in rs):>7.2f} "
-                  f"{per_step_ms(rs):>8.1f} {per_step_ms(rs, cpu=True):>11.1f} {statistics.median(r.steps for r in rs):>5.0f} "
-                  f"{statistics.median(r.tokens for r in rs):>6.0f} {z:>17}")
+            print(
+                f"{n:>3} {label:<13} {speed[n, name]:>8.1f} {statistics.median(r.seconds for r in rs):>7.2f} "
+                f"{per_step_ms(rs):>8.1f} {per_step_ms(rs, cpu=True):>11.1f} {statistics.median(r.steps for r in rs):>5.0f} "
+                f"{statistics.median(r.tokens for r in rs):>6.0f} {z:>17}"
+            )
         a = [r.log_z for r in runs["ppl"]]
         b = [r.log_z for r in runs["llamppl"]]
         if len(a) > 1 and len(b) > 1:
             se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-            print(f"    log Ẑ difference ppl − LLaMPPL = {statistics.fmean(a) - statistics.fmean(b):+.3f} "
-                  f"(standard error {se:.3f})")
+            print(
+                f"    log Ẑ difference ppl − LLaMPPL = {statistics.fmean(a) - statistics.fmean(b):+.3f} "
+                f"(standard error {se:.3f})"
+            )
     print()
     for n, runs in results.items():
         for name, label in (("ppl", "ppl"), ("llamppl", "LLaMPPL")):

@@ -7,17 +7,24 @@ properly weighted result (see ``ppl.SMCResult``), or consumes one (PIMH, VI boun
 
 from ppl.inference import kernel, resampling
 from ppl.inference.arviz import to_inference_data
-from ppl.inference.gibbs import PGInfo, PGState, conditional_smc, particle_gibbs, particle_gibbs_init, particle_gibbs_step
+from ppl.inference.bounds import Bounds, bidirectional_bounds
+from ppl.inference.gibbs import (
+    PGInfo,
+    PGState,
+    conditional_smc,
+    particle_gibbs,
+    particle_gibbs_init,
+    particle_gibbs_step,
+)
 from ppl.inference.kernel import Reference, SMCInfo, SMCState, effective_sample_size
 from ppl.inference.mcmc import PIMHInfo, PIMHState, pimh, pimh_init, pimh_step
 from ppl.inference.moves import SuffixMH, suffix_mh
+from ppl.inference.objectives import ctl, distill, posterior_draws, smc_bound, twist_path
 from ppl.inference.pmmh import PMMHInfo, PMMHState, pmmh, pmmh_init, pmmh_step
 from ppl.inference.resampling import get_resampler
 from ppl.inference.sequential import importance, smc
 from ppl.inference.trajectories import replay, score
 from ppl.inference.vi import elbo, fit, iwae
-from ppl.inference.objectives import ctl, distill, posterior_draws, smc_bound, twist_path
-from ppl.inference.bounds import Bounds, bidirectional_bounds
 
 __all__ = [
     "Bounds",

@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ppl.program import StateSpace
 from ppl.inference.gibbs import conditional_smc
 from ppl.inference.kernel import Reference
 from ppl.inference.particles import StepProposal
 from ppl.inference.sequential import smc, validate
 from ppl.inference.trajectories import check_trajectories
+from ppl.program import StateSpace
 
 
 class Bounds(NamedTuple):
@@ -38,6 +38,7 @@ class Bounds(NamedTuple):
 
     @property
     def gap(self) -> Float[Array, ""]:
+        """Mean upper minus mean lower bound (nats): 0 for a perfect twist or proposal."""
         return jnp.mean(self.upper) - jnp.mean(self.lower)
 
 

@@ -35,14 +35,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ppl.program import StateSpace, check_program
-from ppl.results import MCMCResult, SMCResult
 from ppl.inference.history import emitted
 from ppl.inference.kernel import Reference, SMCInfo, finalize, idle, init, propagate, resample
 from ppl.inference.particles import StepProposal, done
 from ppl.inference.resampling import multinomial
 from ppl.inference.sequential import check_positive_int, smc, validate
 from ppl.inference.trajectories import activity, check_trajectories, lookahead
+from ppl.program import StateSpace, check_program
+from ppl.results import MCMCResult, SMCResult
 
 
 class PGState(NamedTuple):
@@ -129,10 +129,17 @@ def particle_gibbs_step(
     """One particle Gibbs iteration; leaves the posterior ``gamma / Z`` invariant."""
     sweep_key, pick_key = jax.random.split(key)
     result = conditional_smc(
-        program, sweep_key, Reference(state.choices, 0), n_particles, ancestor_sampling=ancestor_sampling, proposal=proposal
+        program,
+        sweep_key,
+        Reference(state.choices, 0),
+        n_particles,
+        ancestor_sampling=ancestor_sampling,
+        proposal=proposal,
     )
     new = _pick(result, pick_key)
-    changed = jnp.any(jnp.stack([jnp.any(a != b) for a, b in zip(jax.tree.leaves(new.choices), jax.tree.leaves(state.choices))]))
+    changed = jnp.any(
+        jnp.stack([jnp.any(a != b) for a, b in zip(jax.tree.leaves(new.choices), jax.tree.leaves(state.choices))])
+    )
     return new, PGInfo(changed, result.log_z)
 
 
@@ -143,12 +150,16 @@ def check_reference(program: StateSpace, choices: dict[str, Array]) -> dict[str,
     shapes = check_program(program, 1)
     expected = {**shapes.step, **shapes.init}
     if set(choices) != set(expected):
-        raise ValueError(f"reference trajectory has sites {sorted(choices)}; {type(program).__name__} samples {sorted(expected)}")
+        raise ValueError(
+            f"reference trajectory has sites {sorted(choices)}; {type(program).__name__} samples {sorted(expected)}"
+        )
     for site, shape in expected.items():
         event = shape.shape[1:] if program.batched else shape.shape
         got = jnp.shape(choices[site])[1:]
         if tuple(got) != tuple(event):
-            raise ValueError(f"reference trajectory of site {site!r} has per-step shape {list(got)}, expected {list(event)}")
+            raise ValueError(
+                f"reference trajectory of site {site!r} has per-step shape {list(got)}, expected {list(event)}"
+            )
     return {site: jnp.asarray(choices[site], expected[site].dtype) for site in expected}
 
 

@@ -69,7 +69,9 @@ def empty_window(particles: Any, choices: dict[str, Array], size: int) -> Window
         return jnp.zeros((leaf.shape[0], size) + leaf.shape[1:], leaf.dtype)
 
     n = jax.tree.leaves(choices or light(particles))[0].shape[0]
-    return Window(jax.tree.map(ring, light(particles)), jnp.zeros((n, size)), jnp.zeros((n, size)), jax.tree.map(ring, choices))
+    return Window(
+        jax.tree.map(ring, light(particles)), jnp.zeros((n, size)), jnp.zeros((n, size)), jax.tree.map(ring, choices)
+    )
 
 
 def remember(
@@ -132,7 +134,9 @@ def trace_back(
     def back(slots, ancestors_u):
         return ancestors_u[slots], slots
 
-    first, slots = jax.lax.scan(back, jnp.arange(n, dtype=ancestors.dtype), ancestors, reverse=True)  # slots[u] = lineage's slot at u
+    first, slots = jax.lax.scan(
+        back, jnp.arange(n, dtype=ancestors.dtype), ancestors, reverse=True
+    )  # slots[u] = lineage's slot at u
     steps = jnp.arange(max_steps)
     source = jnp.minimum(steps + lag, max_steps - 1)
     from_history = (steps + lag < n_steps)[:, None]

@@ -41,12 +41,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ppl.program import StateSpace
-from ppl.results import SMCResult
 from ppl.inference.history import Window, complete, emitted, empty_window, remember, trace_back, zero_inactive
 from ppl.inference.particles import StepProposal, clean, done, no_choices, pinned_column, run_particles
 from ppl.inference.resampling import Resampler, multinomial
-
+from ppl.program import StateSpace
+from ppl.results import SMCResult
 
 
 class SMCState(NamedTuple):
@@ -286,7 +285,13 @@ def idle(state: SMCState) -> SMCInfo:
     """The record of a step that did not run (every particle finished or dead)."""
     n = n_particles_of(state)
     nothing = jax.tree.map(jnp.zeros_like, state.choices)
-    return SMCInfo(jnp.asarray(float(n), state.ess.dtype), jnp.arange(n, dtype=jnp.int32), jnp.asarray(False), nothing, jnp.zeros(()))
+    return SMCInfo(
+        jnp.asarray(float(n), state.ess.dtype),
+        jnp.arange(n, dtype=jnp.int32),
+        jnp.asarray(False),
+        nothing,
+        jnp.zeros(()),
+    )
 
 
 def rejuvenate(

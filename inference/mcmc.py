@@ -13,7 +13,8 @@ only ``log_weights`` and ``log_z`` of its result are used.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +58,7 @@ def pimh_step(sampler: Sampler, key: PRNGKeyArray, state: PIMHState) -> tuple[PI
     draw_key, accept_key = jax.random.split(key)
     proposed = _draw(sampler, draw_key)
     # A dead proposal (Ẑ' = 0) is never taken; a dead current state is always left.
-    log_ratio = jnp.where(
-        jnp.isneginf(state.log_z), jnp.inf, proposed.log_z - state.log_z
-    )
+    log_ratio = jnp.where(jnp.isneginf(state.log_z), jnp.inf, proposed.log_z - state.log_z)
     log_ratio = jnp.where(jnp.isneginf(proposed.log_z), -jnp.inf, log_ratio)
     acceptance_probability = jnp.exp(jnp.minimum(log_ratio, 0.0))
     accepted = jax.random.uniform(accept_key) < acceptance_probability

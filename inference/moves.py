@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, PRNGKeyArray
 
-from ppl.program import StateSpace
 from ppl.inference.history import restore
 from ppl.inference.kernel import SMCState, n_particles_of, propagate
 from ppl.inference.particles import StepProposal
 from ppl.inference.sequential import check_positive_int
+from ppl.program import StateSpace
 
 
 class SuffixMH(eqx.Module):
@@ -80,7 +80,9 @@ class SuffixMH(eqx.Module):
             )
 
             def regenerate(current: SMCState, offset):
-                return propagate(program, jax.random.fold_in(run_key, offset), current, first + offset, proposal=proposal), None
+                return propagate(
+                    program, jax.random.fold_in(run_key, offset), current, first + offset, proposal=proposal
+                ), None
 
             proposed, _ = jax.lax.scan(regenerate, start, jnp.arange(self.lag))
             log_ratio = proposed.log_weights - jnp.sum(window.log_increments[:, slots], axis=1)

@@ -30,18 +30,19 @@ rule:
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ppl.program import StateSpace
-from ppl.results import SMCResult
 from ppl.inference.kernel import Reference, init, propagate, resample, should_resample
 from ppl.inference.particles import StepProposal, done
 from ppl.inference.resampling import multinomial
 from ppl.inference.sequential import check_positive_int, importance, validate
 from ppl.inference.trajectories import check_trajectories
 from ppl.inference.vi import check_latent, score_surrogate, score_term
+from ppl.program import StateSpace
+from ppl.results import SMCResult
 
 
 def _smc_with_score(program, key, n_particles, proposal, ess_threshold, on_step=None):

@@ -9,7 +9,8 @@ weights, ``log gamma`` increments and the latent choices.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,9 @@ def run_particles(
     """
     if program.batched:
         fn, args = (program.init, (n_particles,)) if particles is None else (program.step, (particles, t))
-        return run_weighted(fn, key, *args, proposal=_bind(proposal, particles, t), batch_shape=(n_particles,), pinned=pinned)
+        return run_weighted(
+            fn, key, *args, proposal=_bind(proposal, particles, t), batch_shape=(n_particles,), pinned=pinned
+        )
     # One shared key and a particle index: see ``ppl.program._seed`` for why not split keys.
     indices = jnp.arange(n_particles, dtype=jnp.uint32)
     values, rows = pinned if pinned is not None else ({}, jnp.zeros(n_particles, bool))

@@ -29,7 +29,8 @@ The proposal ``q`` follows the prior's support:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -38,10 +39,10 @@ import numpyro.distributions as dist
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from numpyro.distributions.transforms import biject_to
 
-from ppl.program import StateSpace
-from ppl.results import MCMCResult
 from ppl.inference.resampling import Resampler, get_resampler
 from ppl.inference.sequential import check_positive_int, smc, validate
+from ppl.program import StateSpace
+from ppl.results import MCMCResult
 
 ProgramFn = Callable[[Any], StateSpace]
 
@@ -71,7 +72,7 @@ def _log_jacobian(transform: Any, u: Array, theta: Array) -> Float[Array, ""]:
 
 
 def _propose(
-    prior: dist.Distribution, key: PRNGKeyArray, theta: Array, step_size: Float[Array, "..."]
+    prior: dist.Distribution, key: PRNGKeyArray, theta: Array, step_size: Float[Array, ...]
 ) -> tuple[Array, Float[Array, ""]]:
     """``θ' ~ q(· | θ)`` and ``log q(θ | θ') - log q(θ' | θ)`` (see the module docstring)."""
     if prior.support.is_discrete:
@@ -115,7 +116,7 @@ def _check_prior(prior: Any) -> None:
         raise ValueError(f"prior {name}'s support {prior.support} has no bijection from unconstrained space") from error
 
 
-def _check_step_size(step_size: Any) -> Float[Array, "..."]:
+def _check_step_size(step_size: Any) -> Float[Array, ...]:
     step_size = jnp.asarray(step_size, jnp.result_type(float))
     if not isinstance(step_size, jax.core.Tracer) and not bool(jnp.all(step_size > 0)):
         raise ValueError(f"step_size must be positive, got {step_size}")
@@ -148,7 +149,7 @@ def pmmh_step(
     state: PMMHState,
     n_particles: int,
     *,
-    step_size: float | Float[Array, "..."],
+    step_size: float | Float[Array, ...],
     **smc_options: Any,
 ) -> tuple[PMMHState, PMMHInfo]:
     """One PMMH iteration; leaves ``p(θ | data) ∝ p(θ) Z(θ)`` (extended with ``Ẑ``) invariant.
@@ -181,7 +182,7 @@ def pmmh(
     n_iterations: int,
     n_particles: int,
     *,
-    step_size: float | Float[Array, "..."] = 0.5,
+    step_size: float | Float[Array, ...] = 0.5,
     initial: Any = None,
     resampling: str | Resampler = "systematic",
     ess_threshold: float | Float[Array, ""] = 0.5,
@@ -235,7 +236,9 @@ def pmmh(
 
 
 @eqx.filter_jit
-def _pmmh(program_fn, prior, key, n_iterations, n_particles, step_size, initial, resampling, ess_threshold) -> MCMCResult:
+def _pmmh(
+    program_fn, prior, key, n_iterations, n_particles, step_size, initial, resampling, ess_threshold
+) -> MCMCResult:
     options = dict(resampling=resampling, ess_threshold=ess_threshold)
     init_key, chain_key = jax.random.split(key)
     state = pmmh_init(program_fn, prior, init_key, n_particles, initial=initial, **options)

@@ -8,7 +8,7 @@ typical weights). The weights need not be normalised, but at least one must be f
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +54,7 @@ def residual(key: PRNGKeyArray, log_weights: Float[Array, " N"], n: int) -> Int[
     residual_log_weights = jnp.log(jnp.maximum(expected - copies, 0.0))
     # If the copies already fill all n slots the residual draws are never used; keep the
     # categorical well defined anyway.
-    residual_log_weights = jnp.where(
-        n_deterministic < n, residual_log_weights, jnp.zeros_like(residual_log_weights)
-    )
+    residual_log_weights = jnp.where(n_deterministic < n, residual_log_weights, jnp.zeros_like(residual_log_weights))
     random_draws = jax.random.categorical(key, residual_log_weights, shape=(n,))
     return jnp.where(jnp.arange(n) < n_deterministic, deterministic, random_draws).astype(jnp.int32)
 
@@ -74,7 +72,5 @@ def get_resampler(resampling: str | Resampler) -> Resampler:
     if callable(resampling):
         return resampling
     if resampling not in RESAMPLERS:
-        raise ValueError(
-            f"unknown resampling scheme {resampling!r}; choose one of {sorted(RESAMPLERS)}"
-        )
+        raise ValueError(f"unknown resampling scheme {resampling!r}; choose one of {sorted(RESAMPLERS)}")
     return RESAMPLERS[resampling]

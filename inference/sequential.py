@@ -22,19 +22,20 @@ remaining iterations are skipped once every particle is done.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ppl.program import StateSpace
-from ppl.results import SMCResult
 from ppl.inference.history import emitted
 from ppl.inference.kernel import Move, finalize, idle, init, rejuvenate, step
 from ppl.inference.particles import StepProposal, done
 from ppl.inference.resampling import Resampler, get_resampler
+from ppl.program import StateSpace
+from ppl.results import SMCResult
 
 
 def _is_int_at_least(value: Any, minimum: int) -> bool:
@@ -82,7 +83,9 @@ def _validate_move(program: StateSpace, kernel: Move | None, every: int) -> None
 
 def check_move_shapes(program: StateSpace, kernel: Move, state: Any, proposal: StepProposal | None) -> None:
     """``ValueError`` naming the leaf if ``kernel`` changes the population's shapes."""
-    moved, _ = jax.eval_shape(lambda s: kernel(program, jax.random.key(0), s, jnp.zeros((), jnp.int32), proposal), state)
+    moved, _ = jax.eval_shape(
+        lambda s: kernel(program, jax.random.key(0), s, jnp.zeros((), jnp.int32), proposal), state
+    )
     before, before_tree = jax.tree_util.tree_flatten_with_path(state)
     after, after_tree = jax.tree_util.tree_flatten_with_path(moved)
     if before_tree != after_tree:
@@ -103,7 +106,9 @@ def _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, ever
 
         def run(state):
             step_key, move_key = jax.random.split(jax.random.fold_in(loop_key, t))
-            state, info = step(program, step_key, state, t, resampler=resampler, ess_threshold=ess_threshold, proposal=proposal)
+            state, info = step(
+                program, step_key, state, t, resampler=resampler, ess_threshold=ess_threshold, proposal=proposal
+            )
             if kernel is not None:
                 # A move starts once it has the steps it regenerates.
                 when = (t + 1 >= kernel.window) & ((t + 1) % every == 0)
@@ -217,8 +222,14 @@ def smc(
     validate(program, n_particles, ess_threshold)
     _validate_move(program, rejuvenate, rejuvenate_every)
     arguments = (
-        program, key, n_particles, get_resampler(resampling), jnp.asarray(ess_threshold, jnp.float32),
-        proposal, rejuvenate, rejuvenate_every,
+        program,
+        key,
+        n_particles,
+        get_resampler(resampling),
+        jnp.asarray(ess_threshold, jnp.float32),
+        proposal,
+        rejuvenate,
+        rejuvenate_every,
     )
     if progress is None:
         return _smc(*arguments)

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ppl.program import StateSpace
 from ppl.inference.kernel import Reference, SMCState, init, propagate
 from ppl.inference.particles import StepProposal, done, run_particles
+from ppl.program import StateSpace
 
 
 def check_trajectories(program: StateSpace, choices: dict[str, Array], leading: int) -> int:
@@ -56,7 +56,9 @@ def _replay(program, choices, key, proposal, window):
 
     def advance(state, t):
         active = ~done(program, state.particles)
-        forward = lambda s: propagate(program, jax.random.fold_in(loop_key, t), s, t, proposal=proposal, reference=every_row)  # noqa: E731
+        forward = lambda s: propagate(
+            program, jax.random.fold_in(loop_key, t), s, t, proposal=proposal, reference=every_row
+        )  # noqa: E731
         return jax.lax.cond(jnp.any(active), forward, lambda s: s, state), active
 
     state, active = jax.lax.scan(advance, state, jnp.arange(program.max_steps))
@@ -122,7 +124,9 @@ def lookahead(
             particles, total = carry
             active = ~done(program, particles)
             values = {site: jnp.broadcast_to(path[s + 1], (n,) + path.shape[1:]) for site, path in reference.items()}
-            run = run_particles(program, jax.random.fold_in(key, s), n, particles=particles, t=s, pinned=(values, jnp.ones(n, bool)))
+            run = run_particles(
+                program, jax.random.fold_in(key, s), n, particles=particles, t=s, pinned=(values, jnp.ones(n, bool))
+            )
             total = total + jnp.where(active, run.log_density, 0.0)
             total = jnp.where(active == reference_active[s], total, -jnp.inf)
             return program.select(active, run.value, particles), total

@@ -27,7 +27,8 @@ it multiplies, so the estimator stays unbiased.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -37,9 +38,9 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 from tqdm.auto import tqdm
 
-from ppl.program import StateSpace, check_program
 from ppl.inference.particles import StepProposal
 from ppl.inference.sequential import check_positive_int, importance
+from ppl.program import StateSpace, check_program
 
 Objective = Callable[[Any, PRNGKeyArray], Float[Array, ""]]
 
@@ -55,7 +56,7 @@ def check_latent(program: StateSpace) -> None:
         )
 
 
-def score_term(log_q: Float[Array, "..."]) -> Float[Array, "..."]:
+def score_term(log_q: Float[Array, ...]) -> Float[Array, ...]:
     """Value 0, gradient ``grad log q``: multiplied by a stopped learning signal it adds the
     score-function term to a surrogate."""
     return log_q - jax.lax.stop_gradient(log_q)

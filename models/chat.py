@@ -45,8 +45,9 @@ def _strftime_now(format: str) -> str:
     return datetime.datetime.now().strftime(format)
 
 
-def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, indent: int | None = None, separators: tuple[str, str] | None = None, sort_keys: bool = False
+) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -72,14 +73,13 @@ def _compile(template: str) -> jinja2.Template:
     return environment.from_string(template)
 
 
-def render_chat_template(template: str, messages: Sequence[dict[str, Any]], *,
-                         add_generation_prompt: bool = True, **context: Any) -> str:
+def render_chat_template(
+    template: str, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True, **context: Any
+) -> str:
     """Render ``messages`` (dicts with at least ``role`` and ``content``) through ``template``.
 
     ``add_generation_prompt`` asks the template to end with the opening of an assistant turn, so
     that what the model generates next is the reply. ``context`` supplies the other variables
     templates read: ``bos_token``, ``eos_token``, ``tools``, ``documents``, ...
     """
-    return _compile(template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt, **context
-    )
+    return _compile(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, **context)

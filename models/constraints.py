@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
+
 from ppl.lm import Tokenizer
 from ppl.models.regex_dfa import Limits, compile_regex, first_of_each, group_rows
 
@@ -69,11 +70,15 @@ class TokenDFA(eqx.Module):
     def __check_init__(self) -> None:
         n_states = self.transitions.shape[0]
         if self.transitions.ndim != 2 or self.accepting.shape != (n_states,) or self.token_class.ndim != 1:
-            raise ValueError(f"inconsistent DFA table: token_class {self.token_class.shape}, "
-                             f"transitions {self.transitions.shape}, accepting {self.accepting.shape}")
+            raise ValueError(
+                f"inconsistent DFA table: token_class {self.token_class.shape}, "
+                f"transitions {self.transitions.shape}, accepting {self.accepting.shape}"
+            )
         if not (0 <= self.initial < n_states and 0 <= self.eos_token_id < self.vocab_size):
-            raise ValueError(f"initial state {self.initial} or EOS id {self.eos_token_id} out of range "
-                             f"for {n_states} states and {self.vocab_size} tokens")
+            raise ValueError(
+                f"initial state {self.initial} or EOS id {self.eos_token_id} out of range "
+                f"for {n_states} states and {self.vocab_size} tokens"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -83,8 +88,10 @@ class TokenDFA(eqx.Module):
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ``ValueError`` unless this constraint was built for a vocabulary of ``vocab_size``."""
         if vocab_size != self.vocab_size:
-            raise ValueError(f"this constraint was built for a vocabulary of {self.vocab_size} tokens, "
-                             f"but the model has {vocab_size}; rebuild it with the model's tokenizer")
+            raise ValueError(
+                f"this constraint was built for a vocabulary of {self.vocab_size} tokens, "
+                f"but the model has {vocab_size}; rebuild it with the model's tokenizer"
+            )
 
     def mask(self, state: Int[ArrayLike, ""]) -> Bool[Array, " V"]:
         """Which tokens may come next in ``state`` (all ``False`` when ``state`` is dead)."""
@@ -144,11 +151,13 @@ class TokenDFA(eqx.Module):
 
 # --- compression: the one place a host table becomes a TokenDFA --------------------------------
 
+
 @jax.jit  # one compilation per table shape, however many constraints are built
 def _steps_to_accept(table: Int[Array, "S C"], accepting: Bool[Array, " S"]) -> Int[Array, " S"]:
     """The fewest tokens from each state to an accepting state (``UNREACHABLE`` where none): Bellman-Ford
     rounds over the ``[S, C]`` table until nothing shrinks, one gather each, as many rounds
     as the longest distance. Pure JAX, so a table built under ``jit`` works too."""
+
     def relax(carry):
         distance, _ = carry
         via = jnp.where(table >= 0, jnp.minimum(distance[jnp.maximum(table, 0)] + 1, UNREACHABLE), UNREACHABLE)
@@ -178,8 +187,15 @@ def _live_states(table: np.ndarray, accepting: np.ndarray, initial: int, what: s
     return np.asarray(order)
 
 
-def _compress(table: np.ndarray, token_class: np.ndarray, accepting: np.ndarray, initial: int,
-              eos_token_id: int, never: np.ndarray, what: str) -> TokenDFA:
+def _compress(
+    table: np.ndarray,
+    token_class: np.ndarray,
+    accepting: np.ndarray,
+    initial: int,
+    eos_token_id: int,
+    never: np.ndarray,
+    what: str,
+) -> TokenDFA:
     """Trim, renumber and class-compress a DFA given over preliminary token classes.
 
     ``table[s, c]`` is the next state for class ``c`` (``-1`` dead), ``token_class[v]`` the
@@ -199,9 +215,13 @@ def _compress(table: np.ndarray, token_class: np.ndarray, accepting: np.ndarray,
 
     # Identical columns are tokens no state tells apart: one class each.
     columns, inverse = np.unique(table, axis=1, return_inverse=True)
-    return TokenDFA(token_class=jnp.asarray(inverse.reshape(-1)[token_class], jnp.int32),
-                    transitions=jnp.asarray(columns, jnp.int32),
-                    accepting=jnp.asarray(accepting[order]), initial=0, eos_token_id=eos_token_id)
+    return TokenDFA(
+        token_class=jnp.asarray(inverse.reshape(-1)[token_class], jnp.int32),
+        transitions=jnp.asarray(columns, jnp.int32),
+        accepting=jnp.asarray(accepting[order]),
+        initial=0,
+        eos_token_id=eos_token_id,
+    )
 
 
 def _never(tokenizer: Tokenizer) -> np.ndarray:
@@ -212,6 +232,7 @@ def _never(tokenizer: Tokenizer) -> np.ndarray:
 
 
 # --- builders ----------------------------------------------------------------------------------
+
 
 def regex(pattern: str, tokenizer: Tokenizer, limits: Limits = Limits()) -> TokenDFA:
     """Token sequences whose text fully matches ``pattern``, as ``re.fullmatch`` reads it.
@@ -228,8 +249,9 @@ def regex(pattern: str, tokenizer: Tokenizer, limits: Limits = Limits()) -> Toke
     return _from_byte_table(dfa.table, dfa.initial, dfa.accepting, tokenizer, f"regex {pattern!r}")
 
 
-def from_char_dfa(step: Callable[[int, int], int], initial: int, accepting: Collection[int], n_states: int,
-                  tokenizer: Tokenizer) -> TokenDFA:
+def from_char_dfa(
+    step: Callable[[int, int], int], initial: int, accepting: Collection[int], n_states: int, tokenizer: Tokenizer
+) -> TokenDFA:
     """Lift a byte-level DFA to tokens: a token leads wherever its bytes, read one by one, lead.
 
     ``step(state, byte)`` gives the next state in ``0..n_states-1`` or ``-1`` to reject; it is
@@ -253,6 +275,7 @@ class _Trie(NamedTuple):
     Node 0 is the empty prefix; nodes of depth ``d`` are ``depth_start[d]:depth_start[d+1]``;
     ``token_node[v]`` is the node spelling token ``v``.
     """
+
     parent: np.ndarray
     byte: np.ndarray
     depth_start: np.ndarray
@@ -289,8 +312,9 @@ def _walk(byte_table: np.ndarray, states: np.ndarray, trie: _Trie) -> np.ndarray
     return at[:, trie.token_node]
 
 
-def _from_byte_table(byte_table: np.ndarray, initial: int, accepting: np.ndarray, tokenizer: Tokenizer,
-                     what: str) -> TokenDFA:
+def _from_byte_table(
+    byte_table: np.ndarray, initial: int, accepting: np.ndarray, tokenizer: Tokenizer, what: str
+) -> TokenDFA:
     """Lift a ``[S, 256]`` byte DFA to tokens: a token leads wherever its bytes, read one by one, lead.
 
     States are walked a chunk at a time and tokens split into classes as the chunks tell them
@@ -318,8 +342,15 @@ def vocabulary_predicate(allowed: Callable[[bytes], bool], tokenizer: Tokenizer)
     ``allowed`` sees each non-special token's bytes, which may be part of a UTF-8 character.
     """
     table = np.array([[0 if data and allowed(data) else DEAD for data in tokenizer.vocab_bytes]])
-    return _compress(table, np.arange(tokenizer.vocab_size), np.ones(1, bool), 0, tokenizer.eos_token_id,
-                     _never(tokenizer), "the vocabulary predicate")
+    return _compress(
+        table,
+        np.arange(tokenizer.vocab_size),
+        np.ones(1, bool),
+        0,
+        tokenizer.eos_token_id,
+        _never(tokenizer),
+        "the vocabulary predicate",
+    )
 
 
 def lipogram(letters: str, tokenizer: Tokenizer) -> TokenDFA:
@@ -364,8 +395,7 @@ def token_length(max_chars: int, tokenizer: Tokenizer) -> TokenDFA:
     A token's length counts the UTF-8 characters it starts (bytes that are not continuation
     bytes ``0b10xxxxxx``), so the lengths of a sequence's tokens add up to its text's length.
     """
-    return vocabulary_predicate(lambda data: sum((byte & 0xC0) != 0x80 for byte in data) <= max_chars,
-                                tokenizer)
+    return vocabulary_predicate(lambda data: sum((byte & 0xC0) != 0x80 for byte in data) <= max_chars, tokenizer)
 
 
 def intersect(a: TokenDFA, b: TokenDFA) -> TokenDFA:
@@ -375,10 +405,13 @@ def intersect(a: TokenDFA, b: TokenDFA) -> TokenDFA:
     pairs that occur (at most ``C_a · C_b``, usually far fewer), never over the vocabulary.
     """
     if (a.vocab_size, a.eos_token_id) != (b.vocab_size, b.eos_token_id):
-        raise ValueError(f"cannot intersect constraints over different vocabularies: {a.vocab_size} tokens "
-                         f"(EOS {a.eos_token_id}) and {b.vocab_size} tokens (EOS {b.eos_token_id})")
-    pairs, token_class = np.unique(np.stack([np.asarray(a.token_class), np.asarray(b.token_class)], axis=1),
-                                   axis=0, return_inverse=True)
+        raise ValueError(
+            f"cannot intersect constraints over different vocabularies: {a.vocab_size} tokens "
+            f"(EOS {a.eos_token_id}) and {b.vocab_size} tokens (EOS {b.eos_token_id})"
+        )
+    pairs, token_class = np.unique(
+        np.stack([np.asarray(a.token_class), np.asarray(b.token_class)], axis=1), axis=0, return_inverse=True
+    )
     table_a, table_b = np.asarray(a.transitions)[:, pairs[:, 0]], np.asarray(b.transitions)[:, pairs[:, 1]]
     accepting_a, accepting_b = np.asarray(a.accepting), np.asarray(b.accepting)
 
@@ -396,8 +429,15 @@ def intersect(a: TokenDFA, b: TokenDFA) -> TokenDFA:
         rows.append(row)
     accepting = np.array([accepting_a[s] and accepting_b[t] for s, t in order])
     # The classes already keep EOS and special tokens dead, so nothing is forced here.
-    return _compress(np.stack(rows), token_class.reshape(-1), accepting, 0, a.eos_token_id,
-                     np.zeros(a.vocab_size, bool), "the intersection")
+    return _compress(
+        np.stack(rows),
+        token_class.reshape(-1),
+        accepting,
+        0,
+        a.eos_token_id,
+        np.zeros(a.vocab_size, bool),
+        "the intersection",
+    )
 
 
 def delimiter_tokens(delimiter: str, tokenizer: Tokenizer) -> np.ndarray:

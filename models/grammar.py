@@ -72,7 +72,7 @@ class MatcherStore:
         if state not in self.masks:
             matcher = self.matchers[state]
             bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
-            allowed = bits[:self.vocab_size].astype(bool)
+            allowed = bits[: self.vocab_size].astype(bool)
             allowed[self.eos_token_id] = matcher.is_accepting()
             self.masks[state] = allowed
         return self.masks[state]
@@ -115,24 +115,31 @@ class HostConstraint(eqx.Module):
     eos_token_id: int = eqx.field(static=True)
 
     def check_vocab(self, vocab_size: int) -> None:
+        """``ValueError`` if the model's vocabulary is not the one this constraint was built for."""
         if vocab_size != self.vocab_size:
-            raise ValueError(f"this constraint was built for a vocabulary of {self.vocab_size} tokens, "
-                             f"but the model has {vocab_size}; rebuild it with the model's tokenizer")
+            raise ValueError(
+                f"this constraint was built for a vocabulary of {self.vocab_size} tokens, "
+                f"but the model has {vocab_size}; rebuild it with the model's tokenizer"
+            )
 
     def mask(self, state: Int[ArrayLike, ""]) -> Bool[Array, " V"]:
+        """Allowed next tokens of each state, computed on the host by llguidance (batched callback)."""
         state = jnp.asarray(state, jnp.int32)
         result = jax.ShapeDtypeStruct((*state.shape, self.vocab_size), jnp.bool_)
         return jax.pure_callback(self.store.batch_masks, result, state, vmap_method="broadcast_all")
 
     def advance(self, state: Int[ArrayLike, ""], token: Int[ArrayLike, ""]) -> Int[Array, ""]:
+        """The state after ``token`` (an id into the host store of matchers; negative is dead)."""
         state, token = jnp.asarray(state, jnp.int32), jnp.asarray(token, jnp.int32)
         result = jax.ShapeDtypeStruct(jnp.broadcast_shapes(state.shape, token.shape), jnp.int32)
         return jax.pure_callback(self.store.batch_advance, result, state, token, vmap_method="broadcast_all")
 
     def is_accepting(self, state: Int[ArrayLike, ""]) -> Bool[Array, ""]:
+        """Whether the text so far is complete: EOS is allowed."""
         return self.mask(state)[..., self.eos_token_id]
 
     def is_dead(self, state: Int[ArrayLike, ""]) -> Bool[Array, ""]:
+        """Whether no continuation can satisfy the grammar any more."""
         return jnp.asarray(state) < 0
 
 

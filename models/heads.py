@@ -47,7 +47,9 @@ class _LowRankHead(eqx.Module):
 
     def __init__(self, lm: FeatureLM, rank: int, key: PRNGKeyArray):
         if not hasattr(lm, "decode_with_features"):
-            raise TypeError(f"a head needs an LM with decode_with_features (ppl.lm.FeatureLM); {type(lm).__name__} has none")
+            raise TypeError(
+                f"a head needs an LM with decode_with_features (ppl.lm.FeatureLM); {type(lm).__name__} has none"
+            )
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         d = lm.hidden_size
@@ -66,7 +68,9 @@ class _LowRankHead(eqx.Module):
     def check_lm(self, lm: Any) -> None:
         """``ValueError`` unless ``lm`` has this head's vocabulary and hidden size."""
         if not hasattr(lm, "decode_with_features"):
-            raise TypeError(f"a head needs an LM with decode_with_features (ppl.lm.FeatureLM); {type(lm).__name__} has none")
+            raise TypeError(
+                f"a head needs an LM with decode_with_features (ppl.lm.FeatureLM); {type(lm).__name__} has none"
+            )
         if (lm.vocab_size, lm.hidden_size) != (self.vocab_size, self.hidden_size):
             raise ValueError(
                 f"{type(self).__name__} was built for vocab_size={self.vocab_size}, hidden_size={self.hidden_size}; "

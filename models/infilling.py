@@ -47,7 +47,9 @@ class Infilling(Generation):
     def step(self, state: TokenState, t: Int[Array, ""]) -> TokenState:
         new = super().step(state, t)
         completed = new.finished & ~state.finished
-        log_ending = jax.lax.cond(jnp.any(completed), lambda s: self.ending_log_prob(s), lambda s: jnp.zeros(s.length.shape), new)
+        log_ending = jax.lax.cond(
+            jnp.any(completed), lambda s: self.ending_log_prob(s), lambda s: jnp.zeros(s.length.shape), new
+        )
         numpyro.factor("ending", jnp.where(completed, jnp.where(new.ended_with_eos, -jnp.inf, log_ending), 0.0))
         return new
 
@@ -55,7 +57,9 @@ class Infilling(Generation):
         """``log p_LM(ending | prompt, tokens)`` for every row: ``E`` decodes on a copy of the
         cache (which holds all but the last token, ``state.last``)."""
         n = state.length.shape[0]
-        feed = jnp.concatenate([state.last[:, None], jnp.broadcast_to(self.ending[:-1], (n, self.ending.shape[0] - 1))], 1)
+        feed = jnp.concatenate(
+            [state.last[:, None], jnp.broadcast_to(self.ending[:-1], (n, self.ending.shape[0] - 1))], 1
+        )
 
         def score(cache, inputs):
             token, target = inputs
@@ -88,7 +92,14 @@ class InfillingTask(NamedTuple):
 
 
 def infilling_task(
-    lm: LM, prompt: Any, n_infill: int, n_ending: int, eos_token_id: int, key: jax.Array, n_draws: int = 512, **kwargs: Any
+    lm: LM,
+    prompt: Any,
+    n_infill: int,
+    n_ending: int,
+    eos_token_id: int,
+    key: jax.Array,
+    n_draws: int = 512,
+    **kwargs: Any,
 ) -> InfillingTask:
     """Draw ``n_draws`` sequences of ``n_infill + n_ending`` tokens from ``lm`` (batched,
     without EOS); the most frequent ending becomes the observation and the prefixes of the

@@ -267,6 +267,7 @@ class Llama(eqx.Module):
 
     @property
     def hidden_size(self) -> int:
+        """Width of the residual stream, the size of the features a decode returns."""
         return self.config.hidden_size
 
     @property
@@ -336,7 +337,9 @@ class Llama(eqx.Module):
         layers = LayerStack(
             attn_norm=stacked(lambda p: tensor(p + "input_layernorm.weight")),
             qkv=stacked(lambda p: np.concatenate([attn(p, k, "weight") for k in "qkv"])),
-            qkv_bias=stacked(lambda p: np.concatenate([attn(p, k, "bias") for k in "qkv"])) if c.attention_bias else None,
+            qkv_bias=stacked(lambda p: np.concatenate([attn(p, k, "bias") for k in "qkv"]))
+            if c.attention_bias
+            else None,
             out=stacked(lambda p: attn(p, "o", "weight")),
             out_bias=stacked(lambda p: attn(p, "o", "bias")) if c.output_bias else None,
             mlp_norm=stacked(lambda p: tensor(p + "post_attention_layernorm.weight")),

@@ -54,7 +54,11 @@ _HF_TO_GGUF_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     **{f"mlp.{k}_proj.weight": f"ffn_{k}.weight" for k in ("gate", "up", "down")},
-    **{f"self_attn.{h}_proj.{p}": f"attn_{g}.{p}" for h, g in [("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")] for p in ("weight", "bias")},
+    **{
+        f"self_attn.{h}_proj.{p}": f"attn_{g}.{p}"
+        for h, g in [("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")]
+        for p in ("weight", "bias")
+    },
 }
 
 
@@ -100,8 +104,17 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     except CheckpointError:
         raise
     # A corrupt header can make any step of the parse fail; every failure is the file's.
-    except (struct.error, ValueError, UnicodeDecodeError, OverflowError, MemoryError, RecursionError,
-            IndexError, KeyError, TypeError) as error:
+    except (
+        struct.error,
+        ValueError,
+        UnicodeDecodeError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        IndexError,
+        KeyError,
+        TypeError,
+    ) as error:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({len(data)} bytes): {error}") from error
 
 
@@ -163,10 +176,14 @@ def _parse_gguf(path: Path, data: Any) -> GGUFFile:
     tensors, extents = {}, []
     for name, kind, shape, tensor_offset in infos:
         if tensor_offset % alignment:
-            raise CheckpointError(f"{path}: tensor {name!r} starts at offset {tensor_offset}, not a multiple of {alignment}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} starts at offset {tensor_offset}, not a multiple of {alignment}"
+            )
         block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
         if shape[-1] % block:
-            raise CheckpointError(f"{path}: tensor {name!r} rows of {shape[-1]} are not whole {kind.name} blocks of {block}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} rows of {shape[-1]} are not whole {kind.name} blocks of {block}"
+            )
         row_bytes = shape[-1] // block * block_bytes
         begin = start + tensor_offset
         end = begin + row_bytes * math.prod(shape[:-1])
@@ -189,7 +206,9 @@ def dequantize(tensor: GGUFTensor, path: Any = "<gguf>") -> np.ndarray:
     """One GGUF tensor as float32 in its PyTorch shape; unsupported types raise, naming it."""
     if tensor.type not in GGUF_TYPES:
         supported = ", ".join(sorted(t.name for t in GGUF_TYPES))
-        raise CheckpointError(f"{path}: tensor {tensor.name!r} has GGUF type {tensor.type.name}, not supported ({supported})")
+        raise CheckpointError(
+            f"{path}: tensor {tensor.name!r} has GGUF type {tensor.type.name}, not supported ({supported})"
+        )
     return gguf.quants.dequantize(tensor.raw, tensor.type).astype(np.float32, copy=False).reshape(tensor.shape)
 
 
@@ -208,7 +227,8 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
             raise CheckpointError(f"{file.path}: rope.scaling.factor={factor!r} is not a positive number")
         scaling = {"rope_type": "linear", "factor": float(factor)}
     return make_config(
-        file.path, CheckpointError,
+        file.path,
+        CheckpointError,
         vocab_size=get("vocab_size", None) or _tensor(file, "token_embd.weight").shape[0],
         hidden_size=hidden,
         intermediate_size=get("feed_forward_length"),
@@ -233,7 +253,9 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Llama:
     if "rope_freqs.weight" in file.tensors:  # Llama 3.1 files store rope frequency divisors as a tensor
         divisors = dequantize(file.tensors["rope_freqs.weight"], file.path)
         if divisors.shape != model.rope_inv_freq.shape or not (np.isfinite(divisors) & (divisors > 0)).all():
-            raise CheckpointError(f"{file.path}: rope_freqs.weight is not {model.rope_inv_freq.shape[0]} positive numbers")
+            raise CheckpointError(
+                f"{file.path}: rope_freqs.weight is not {model.rope_inv_freq.shape[0]} positive numbers"
+            )
         model = eqx.tree_at(lambda m: m.rope_inv_freq, model, model.rope_inv_freq / divisors)
     return model
 
@@ -296,14 +318,16 @@ def hf_config(config: Mapping[str, Any], path: Any = "<config.json>") -> LlamaCo
     scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
     heads = config["num_attention_heads"]
     return make_config(
-        path, CheckpointError,
+        path,
+        CheckpointError,
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"],
         num_layers=config["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or (config["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0),
+        head_dim=config.get("head_dim")
+        or (config["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -395,7 +419,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarr
         if not _is_tensor_entry(entry):
             raise fail(f"tensor {name!r} has a malformed entry {str(entry)[:80]}")
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {entry['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}"
+            )
         stored = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         if not 0 <= begin <= end <= body.size or end - begin != stored.itemsize * math.prod(entry["shape"]):
@@ -418,7 +444,9 @@ def _is_tensor_entry(entry: Any) -> bool:
     )
 
 
-def _tensor_reader(raw: np.ndarray, stored: np.dtype, bfloat16: bool, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+def _tensor_reader(
+    raw: np.ndarray, stored: np.dtype, bfloat16: bool, shape: tuple[int, ...]
+) -> Callable[[], np.ndarray]:
     def read() -> np.ndarray:
         values = raw.view(stored)
         if bfloat16:  # bf16 is the top half of a float32

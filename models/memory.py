@@ -52,6 +52,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        """Bytes in all: weights, KV cache and per-step temporaries."""
         return self.weights + self.kv_cache + self.temporaries
 
 
@@ -69,12 +70,19 @@ def estimate_memory(
     itemsize = np.dtype(dtype).itemsize
     if weights is None:
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        per_layer = 2 * c.hidden_size + c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+        per_layer = (
+            2 * c.hidden_size
+            + c.hidden_size * (q + 2 * kv)
+            + q * c.hidden_size
+            + 3 * c.hidden_size * c.intermediate_size
+        )
         embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2)
         weights = (c.num_layers * per_layer + embeddings + c.hidden_size) * itemsize
     kv_cache = 2 * 2 * c.num_layers * n_particles * max_len * c.num_kv_heads * c.head_dim * itemsize
-    temporaries = 4 * n_particles * (
-        _LOGIT_COPIES * c.vocab_size + c.num_heads * max_len + 2 * c.intermediate_size + 4 * c.hidden_size
+    temporaries = (
+        4
+        * n_particles
+        * (_LOGIT_COPIES * c.vocab_size + c.num_heads * max_len + 2 * c.intermediate_size + 4 * c.hidden_size)
     )
     return MemoryEstimate(int(weights), int(kv_cache), int(temporaries))
 

@@ -33,6 +33,7 @@ DEAD = -1
 
 class ByteDFA(NamedTuple):
     """``table[s, b]``: the state after byte ``b`` in state ``s`` (``-1`` rejects); every state is live."""
+
     table: np.ndarray
     accepting: np.ndarray
     initial: int
@@ -40,6 +41,7 @@ class ByteDFA(NamedTuple):
 
 class Limits(NamedTuple):
     """Bounds on compilation work; exceeding one is a ``ValueError`` naming the costly construct."""
+
     nfa_states: int = 200_000
     dfa_states: int = 20_000  # during subset construction, before minimisation
     minimal_states: int = 3_000  # each costs one walk of the vocabulary trie (~8 ms for 49k tokens)
@@ -82,6 +84,7 @@ def _same_length(lo: int, hi: int) -> list[tuple[tuple[int, int], ...]]:
 
 
 # --- NFA ---------------------------------------------------------------------------------------
+
 
 class _NFA:
     """States with epsilon edges and byte-range edges ``(lo, hi, target)``; grows by fragments."""
@@ -173,7 +176,7 @@ def _charset_dfa(ranges: Ranges) -> _Piece:
         for sequence in utf8_sequences(lo, hi):
             state = start
             for depth, byte_range in enumerate(sequence[:-1]):
-                key = sequence[:depth + 1]
+                key = sequence[: depth + 1]
                 if key not in prefixes:
                     prefixes[key] = nfa.state()
                     nfa.moves[state].append((*byte_range, prefixes[key]))
@@ -195,11 +198,19 @@ def _charset_dfa(ranges: Ranges) -> _Piece:
 
 # --- determinise and minimise ------------------------------------------------------------------
 
-def _determinize(nfa: _NFA, start: int, final: int, limits: Limits, deadline: float
-                 ) -> tuple[np.ndarray, np.ndarray, int]:
+
+def _determinize(
+    nfa: _NFA, start: int, final: int, limits: Limits, deadline: float
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Subset construction; returns a ``[S, 256]`` byte table, accepting flags and the initial state."""
-    bounds = sorted({0, 256, *(lo for moves in nfa.moves for lo, _, _ in moves),
-                     *(hi + 1 for moves in nfa.moves for _, hi, _ in moves)})
+    bounds = sorted(
+        {
+            0,
+            256,
+            *(lo for moves in nfa.moves for lo, _, _ in moves),
+            *(hi + 1 for moves in nfa.moves for _, hi, _ in moves),
+        }
+    )
     byte_class = np.searchsorted(bounds, np.arange(256), side="right") - 1
     class_moves = [[(int(byte_class[lo]), int(byte_class[hi]), t) for lo, hi, t in moves] for moves in nfa.moves]
 
@@ -306,6 +317,7 @@ def _minimize(table: np.ndarray, accepting: np.ndarray, initial: int) -> ByteDFA
 
 # --- blame ---------------------------------------------------------------------------------------
 
+
 def _size(node: Node) -> int:
     """NFA states ``node`` unrolls to, roughly (a character set counts as one)."""
     if isinstance(node, Chars):
@@ -328,6 +340,7 @@ def _repeats(node: Node, depth: int = 0):
 
 def _blame(pattern: str, tree: Node) -> str:
     """The construct most likely to blow up: nested repetitions first, then the largest unrolling."""
+
     def cost(entry: tuple[Repeat, int]) -> tuple[int, int]:
         repeat, depth = entry
         nested = depth > 0 or any(True for _ in _repeats(repeat.item))
@@ -337,9 +350,12 @@ def _blame(pattern: str, tree: Node) -> str:
     if not entries:
         return "the pattern as a whole (a large alternation)"
     repeat, depth = max(entries, key=cost)
-    text = pattern[repeat.span[0]:repeat.span[1]]
-    where = "inside another repetition" if depth else (
-        "around another repetition" if any(True for _ in _repeats(repeat.item)) else "")
+    text = pattern[repeat.span[0] : repeat.span[1]]
+    where = (
+        "inside another repetition"
+        if depth
+        else ("around another repetition" if any(True for _ in _repeats(repeat.item)) else "")
+    )
     bound = "unbounded" if repeat.high is None else f"up to {repeat.high} times"
     return f"the repetition {text!r} at position {repeat.span[0]} ({bound}{', ' + where if where else ''})"
 
@@ -360,10 +376,16 @@ def compile_regex(pattern: str, limits: Limits = Limits()) -> ByteDFA:
         if len(dfa.table) > limits.minimal_states:
             raise _TooCostly("minimal DFA states")
     except _TooCostly as exceeded:
-        limit = {"NFA states": limits.nfa_states, "DFA states": limits.dfa_states,
-                 "minimal DFA states": limits.minimal_states, "seconds": limits.seconds}[exceeded.args[0]]
-        raise ValueError(f"regex {pattern!r} is too costly to compile: it needs more than {limit} "
-                         f"{exceeded.args[0]}; the costly construct is {_blame(pattern, tree)}. "
-                         f"Bound the repetition more tightly, split the constraint, or compute masks "
-                         f"lazily on the host (ppl.models.grammar.lazy_regex).") from None
+        limit = {
+            "NFA states": limits.nfa_states,
+            "DFA states": limits.dfa_states,
+            "minimal DFA states": limits.minimal_states,
+            "seconds": limits.seconds,
+        }[exceeded.args[0]]
+        raise ValueError(
+            f"regex {pattern!r} is too costly to compile: it needs more than {limit} "
+            f"{exceeded.args[0]}; the costly construct is {_blame(pattern, tree)}. "
+            f"Bound the repetition more tightly, split the constraint, or compute masks "
+            f"lazily on the host (ppl.models.grammar.lazy_regex)."
+        ) from None
     return dfa

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
@@ -30,6 +30,7 @@ Ranges = tuple[tuple[int, int], ...]
 @dataclass(frozen=True)
 class Chars:
     """One character from a set of code points: sorted, disjoint, non-adjacent inclusive ranges."""
+
     ranges: Ranges
 
 
@@ -46,6 +47,7 @@ class Alt:
 @dataclass(frozen=True)
 class Repeat:
     """``item`` repeated ``low..high`` times (``high=None``: unbounded); ``span`` locates it in the pattern."""
+
     item: Node
     low: int
     high: int | None
@@ -56,6 +58,7 @@ Node = Chars | Concat | Alt | Repeat
 
 
 # --- code-point sets ---------------------------------------------------------------------------
+
 
 def normalize(ranges: list[tuple[int, int]]) -> Ranges:
     """Sort, merge overlapping or adjacent ranges, and remove the surrogates."""
@@ -84,14 +87,15 @@ def complement(ranges: Ranges) -> Ranges:
     return normalize(gaps)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _all_characters() -> str:
     return "".join(map(chr, range(SURROGATES[0]))) + "".join(map(chr, range(SURROGATES[1] + 1, MAX_CODE_POINT + 1)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def unicode_class(letter: str) -> Ranges:
     """The code points ``re`` matches with ``\\d``, ``\\w`` or ``\\s``: runs of matches over all characters."""
+
     def code_point(index: int) -> int:  # ``_all_characters`` skips the surrogates
         return index if index < SURROGATES[0] else index + SURROGATES[1] - SURROGATES[0] + 1
 
@@ -105,6 +109,7 @@ _HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
 
 
 # --- parser ------------------------------------------------------------------------------------
+
 
 class _Parser:
     def __init__(self, pattern: str):
@@ -239,7 +244,7 @@ class _Parser:
         if char in _SIMPLE_ESCAPES and (char != "b" or in_class):
             code = _SIMPLE_ESCAPES[char]
         elif char in _HEX_DIGITS:
-            digits = self.pattern[self.pos:self.pos + _HEX_DIGITS[char]]
+            digits = self.pattern[self.pos : self.pos + _HEX_DIGITS[char]]
             if len(digits) != _HEX_DIGITS[char] or not all(d in "0123456789abcdefABCDEF" for d in digits):
                 raise self.error(f"incomplete escape \\{char}{digits}", start)
             self.pos += len(digits)

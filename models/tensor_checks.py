@@ -21,7 +21,15 @@ from ppl.models.llama import LlamaConfig
 def make_config(path: Any, error: type[Exception], **fields: Any) -> LlamaConfig:
     """A :class:`LlamaConfig` from raw header values, refusing non-positive sizes, non-finite
     constants and inconsistent head counts with ``error`` naming ``path``."""
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
         value = fields[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value < 2**31:
             raise error(f"{path}: {name}={value!r} is not a positive integer below 2**31")
@@ -75,7 +83,9 @@ def checked_tensors(
         if name in shapes and array.shape != shapes[name]:
             raise error(f"{path}: tensor {name!r} has shape {array.shape}, the config implies {shapes[name]}")
         if not np.isfinite(array).all():
-            raise error(f"{path}: tensor {name!r} holds {np.size(array) - np.isfinite(array).sum()} non-finite values (corrupt data?)")
+            raise error(
+                f"{path}: tensor {name!r} holds {np.size(array) - np.isfinite(array).sum()} non-finite values (corrupt data?)"
+            )
         return array
 
     return checked

@@ -73,11 +73,15 @@ def _is_spelled(token: str) -> bool:
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Llama 3: case-insensitive contractions, a word may be led by any one non-letter, numbers in
 # groups of at most three digits, newlines kept with the punctuation before them.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Qwen2: Llama 3's split with every digit on its own.
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,10 @@ def _backend_from_gguf(metadata: dict[str, Any], path: Path) -> tokenizers.Token
         raise ValueError(f"GGUF file {path} has a {kind!r} tokenizer; only byte-level BPE ('gpt2') is supported")
     pre = metadata.get("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZER_FLAVOURS:
-        raise ValueError(f"GGUF file {path} has tokenizer.ggml.pre={pre!r}, a pre-tokenizer flavour not known "
-                         f"here; known: {sorted(PRE_TOKENIZER_FLAVOURS)}")
+        raise ValueError(
+            f"GGUF file {path} has tokenizer.ggml.pre={pre!r}, a pre-tokenizer flavour not known "
+            f"here; known: {sorted(PRE_TOKENIZER_FLAVOURS)}"
+        )
     flavour = PRE_TOKENIZER_FLAVOURS[pre]
     tokens: list[str] = _require(metadata, "tokenizer.ggml.tokens", path)
     types: list[int] = metadata.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
@@ -160,8 +166,13 @@ def _backend_from_gguf(metadata: dict[str, Any], path: Path) -> tokenizers.Token
     backend.normalizer = normalizers.NFC() if flavour.nfc else None
     backend.pre_tokenizer = flavour.pre_tokenizer()
     backend.decoder = decoders.ByteLevel()
-    backend.add_tokens([AddedToken(token, special=token_type == _CONTROL, normalized=False)
-                        for token, token_type in zip(tokens, types) if token_type in (_CONTROL, _USER_DEFINED)])
+    backend.add_tokens(
+        [
+            AddedToken(token, special=token_type == _CONTROL, normalized=False)
+            for token, token_type in zip(tokens, types)
+            if token_type in (_CONTROL, _USER_DEFINED)
+        ]
+    )
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     if metadata.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
@@ -171,6 +182,7 @@ def _backend_from_gguf(metadata: dict[str, Any], path: Path) -> tokenizers.Token
 
 
 # --- tokenizer.json + tokenizer_config.json ----------------------------------------------------
+
 
 def _token_content(value: str | dict[str, Any] | None) -> str | None:
     """A special token as ``tokenizer_config.json`` writes it: a string or an AddedToken dict."""
@@ -189,6 +201,7 @@ def _chat_template_beside(config: dict[str, Any], folder: Path) -> str | None:
 
 # --- the tokenizer -----------------------------------------------------------------------------
 
+
 class Tokenizer:
     """A byte-level BPE tokenizer with the model's special tokens and chat template.
 
@@ -196,8 +209,14 @@ class Tokenizer:
     constructor takes an already configured ``tokenizers.Tokenizer`` whose decoder is byte-level.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, eos_token_id: int, bos_token_id: int | None = None,
-                 chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        eos_token_id: int,
+        bos_token_id: int | None = None,
+        chat_template: str | None = None,
+    ) -> None:
         if not isinstance(backend.decoder, decoders.ByteLevel):
             raise ValueError(f"only byte-level BPE tokenizers are supported; this one decodes with {backend.decoder!r}")
         self.backend = backend
@@ -232,9 +251,12 @@ class Tokenizer:
         path = Path(path)
         metadata = _gguf_metadata(path)
         backend = _backend_from_gguf(metadata, path)
-        return cls(backend, eos_token_id=int(_require(metadata, "tokenizer.ggml.eos_token_id", path)),
-                   bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-                   chat_template=metadata.get("tokenizer.chat_template"))
+        return cls(
+            backend,
+            eos_token_id=int(_require(metadata, "tokenizer.ggml.eos_token_id", path)),
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            chat_template=metadata.get("tokenizer.chat_template"),
+        )
 
     @classmethod
     def from_file(cls, path: str | Path, *, eos_token: str | None = None) -> Tokenizer:
@@ -250,12 +272,17 @@ class Tokenizer:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
         eos_token = eos_token or _token_content(config.get("eos_token"))
         if eos_token is None or backend.token_to_id(eos_token) is None:
-            raise ValueError(f"no EOS token for {path}: tokenizer_config.json names none in the vocabulary "
-                             f"(got {eos_token!r}); pass eos_token=")
+            raise ValueError(
+                f"no EOS token for {path}: tokenizer_config.json names none in the vocabulary "
+                f"(got {eos_token!r}); pass eos_token="
+            )
         bos_token = _token_content(config.get("bos_token"))
-        return cls(backend, eos_token_id=backend.token_to_id(eos_token),
-                   bos_token_id=backend.token_to_id(bos_token) if bos_token else None,
-                   chat_template=_chat_template_beside(config, path.parent))
+        return cls(
+            backend,
+            eos_token_id=backend.token_to_id(eos_token),
+            bos_token_id=backend.token_to_id(bos_token) if bos_token else None,
+            chat_template=_chat_template_beside(config, path.parent),
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -298,22 +325,27 @@ class Tokenizer:
         if text := decoder.flush():
             yield text
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            **context: Any) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **context: Any
+    ) -> str:
         """The prompt text for a conversation, rendered through the model's chat template.
 
         ``context`` passes extra template variables (``tools``, ``documents``, ...).
         """
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
-        special_tokens = {name: self.backend.id_to_token(token_id) for name, token_id
-                          in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id))
-                          if token_id is not None}
-        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    **special_tokens, **context)
+        special_tokens = {
+            name: self.backend.id_to_token(token_id)
+            for name, token_id in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id))
+            if token_id is not None
+        }
+        return render_chat_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt, **special_tokens, **context
+        )
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                    **context: Any) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **context: Any
+    ) -> list[int]:
         """Token ids of ``apply_chat_template(...)``: the template writes any BOS itself."""
         text = self.apply_chat_template(messages, add_generation_prompt, **context)
         return self.encode(text, add_special_tokens=False)

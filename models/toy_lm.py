@@ -40,8 +40,12 @@ REWARD_PER_A = 0.7  # log potential per "a" in the text (an exp(r/β) reward)
 def tiny_tokenizer() -> SimpleNamespace:
     """What the constraint compiler needs of a tokenizer (the vocabulary's bytes and EOS), and
     ``decode`` for answers (``SMCResult.sample``)."""
-    return SimpleNamespace(vocab_bytes=list(VOCAB), eos_token_id=EOS, vocab_size=len(VOCAB),
-                           decode=lambda ids: b"".join(VOCAB[i] for i in ids).decode())
+    return SimpleNamespace(
+        vocab_bytes=list(VOCAB),
+        eos_token_id=EOS,
+        vocab_size=len(VOCAB),
+        decode=lambda ids: b"".join(VOCAB[i] for i in ids).decode(),
+    )
 
 
 def tiny_llama(seed: int, hidden_size: int = 32, vocab_size: int = len(VOCAB)) -> Llama:
@@ -49,13 +53,24 @@ def tiny_llama(seed: int, hidden_size: int = 32, vocab_size: int = len(VOCAB)) -
     sizes build mismatched models, for error tests)."""
     d, ffn = hidden_size, hidden_size * 3 // 2
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=d, intermediate_size=ffn, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=d // 4, tie_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=d // 4,
+        tie_embeddings=True,
     )
     rng = np.random.default_rng(seed)
     shapes = {
-        "q_proj": (d, d), "k_proj": (d // 2, d), "v_proj": (d // 2, d), "o_proj": (d, d),
-        "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn),
+        "q_proj": (d, d),
+        "k_proj": (d // 2, d),
+        "v_proj": (d // 2, d),
+        "o_proj": (d, d),
+        "gate_proj": (ffn, d),
+        "up_proj": (ffn, d),
+        "down_proj": (d, ffn),
     }
 
     def tensor(name: str) -> np.ndarray:
@@ -72,7 +87,9 @@ def tiny_llama(seed: int, hidden_size: int = 32, vocab_size: int = len(VOCAB)) -
 class LetterReward(eqx.Module):
     """Ratio-weighted potential ``log psi(x_{1:t}) = REWARD_PER_A · (number of "a" letters)``."""
 
-    letters: Float[Array, " V"] = eqx.field(default_factory=lambda: jnp.array([v.count(b"a") for v in VOCAB], jnp.float32))
+    letters: Float[Array, " V"] = eqx.field(
+        default_factory=lambda: jnp.array([v.count(b"a") for v in VOCAB], jnp.float32)
+    )
 
     def init(self, n: int) -> Float[Array, " N"]:
         return jnp.zeros(n)
@@ -153,13 +170,17 @@ class TableTwist(eqx.Module):
         table = np.full(_OFFSETS[-1], missing, np.float32)
         for prefix, value in log_twist.items():
             table[_prefix_index(prefix)] = value
-        for prefix in itertools.chain.from_iterable(itertools.product(range(len(VOCAB)), repeat=n) for n in range(MAX_NEW)):
+        for prefix in itertools.chain.from_iterable(
+            itertools.product(range(len(VOCAB)), repeat=n) for n in range(MAX_NEW)
+        ):
             table[_prefix_index(prefix + (EOS,))] = 0.0
         self.table = jnp.asarray(table)
 
     def __call__(self, state: ppl.TokenState) -> Float[Array, "N V"]:
         positions = jnp.arange(state.tokens.shape[1])
-        powers = jnp.where(positions < state.length[:, None], len(VOCAB) ** jnp.maximum(state.length[:, None] - 1 - positions, 0), 0)
+        powers = jnp.where(
+            positions < state.length[:, None], len(VOCAB) ** jnp.maximum(state.length[:, None] - 1 - positions, 0), 0
+        )
         head = jnp.sum(jnp.maximum(state.tokens, 0) * powers, axis=1)  # the prefix in base V
         offsets = jnp.asarray(_OFFSETS)[jnp.minimum(state.length + 1, MAX_NEW)]
         index = offsets[:, None] + head[:, None] * len(VOCAB) + jnp.arange(len(VOCAB))

@@ -17,8 +17,7 @@ from ppl.cache import default_cache_dir, enable_compilation_cache
 from ppl.distributions import LanguageModel, NextToken, check_prompt, prompt_cache
 from ppl.generation import Generation, TokenState
 from ppl.handlers import log_density, log_weight, observe, pin, propose, temper
-from ppl.lm import ParticleCache
-from ppl.lm import FeatureLM
+from ppl.lm import FeatureLM, ParticleCache
 from ppl.lookahead import AcceptanceTwist
 from ppl.program import StateSpace, run_weighted
 from ppl.results import AllDeadError, MCMCResult, SMCResult

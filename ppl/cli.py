@@ -135,6 +135,7 @@ def steer(args: argparse.Namespace, started: float) -> int:
     """Run ``ppl steer``: load SmolLM2, build the program, run SMC, print the report."""
     import jax
     import numpy as np
+
     import ppl
     from ppl.distributions import check_prompt
     from ppl.inference import smc
@@ -158,8 +159,13 @@ def steer(args: argparse.Namespace, started: float) -> int:
         print(_all_dead_message(args, constraint), file=sys.stderr)
         return 1
     program = ppl.Generation(
-        lm, np.asarray(prompt, np.int32), args.max_tokens, tokenizer.eos_token_id,
-        constraint=constraint, potentials=_potentials(args, tokenizer), proposal=args.proposal,
+        lm,
+        np.asarray(prompt, np.int32),
+        args.max_tokens,
+        tokenizer.eos_token_id,
+        constraint=constraint,
+        potentials=_potentials(args, tokenizer),
+        proposal=args.proposal,
         require_eos=args.regex is not None,
     )
 
@@ -179,10 +185,19 @@ def steer(args: argparse.Namespace, started: float) -> int:
             bar.update(steps - bar.n)
             bar.set_postfix_str(f"ESS {float(ess):.1f}/{args.particles}, {int(finished)} finished")
 
-        result = _interruptible(lambda: jax.block_until_ready(smc(
-            program, jax.random.key(args.seed), args.particles, resampling=args.resampling,
-            ess_threshold=args.ess_threshold, progress=progress, progress_every=steps_per_update,
-        )))
+        result = _interruptible(
+            lambda: jax.block_until_ready(
+                smc(
+                    program,
+                    jax.random.key(args.seed),
+                    args.particles,
+                    resampling=args.resampling,
+                    ess_threshold=args.ess_threshold,
+                    progress=progress,
+                    progress_every=steps_per_update,
+                )
+            )
+        )
     end = time.perf_counter()
     first, generating = timing.get("first_token", end), timing.get("generating", end)
     report = summarise(args, tokenizer, result, first - started, end - started, end - generating)
@@ -201,11 +216,15 @@ def _too_short(args: argparse.Namespace, constraint) -> bool:
 def _all_dead_message(args: argparse.Namespace, constraint) -> str:
     """One line: what was impossible and what to relax (the budget or the constraint)."""
     if _too_short(args, constraint):
-        return (f"no answer: the shortest text the constraints accept takes {constraint.min_tokens} tokens plus EOS, "
-                f"more than --max-tokens {args.max_tokens}; raise --max-tokens to at least {constraint.min_tokens + 1}")
-    return (f"no answer: all {args.particles} particles violated the constraints within {args.max_tokens} tokens "
-            f"(proposal {args.proposal}); relax the constraint or raise --max-tokens"
-            + (", or use --proposal locally_optimal" if args.proposal == "prior" else ""))
+        return (
+            f"no answer: the shortest text the constraints accept takes {constraint.min_tokens} tokens plus EOS, "
+            f"more than --max-tokens {args.max_tokens}; raise --max-tokens to at least {constraint.min_tokens + 1}"
+        )
+    return (
+        f"no answer: all {args.particles} particles violated the constraints within {args.max_tokens} tokens "
+        f"(proposal {args.proposal}); relax the constraint or raise --max-tokens"
+        + (", or use --proposal locally_optimal" if args.proposal == "prior" else "")
+    )
 
 
 def summarise(args, tokenizer, result, first_token_s: float, total_s: float, generation_s: float) -> dict[str, Any]:
@@ -219,7 +238,9 @@ def summarise(args, tokenizer, result, first_token_s: float, total_s: float, gen
     for (row, length, eos), weight in zip(rows, weights):
         if weight > 0:
             text = tokenizer.decode(row[:length].tolist(), skip_special_tokens=True)
-            entry = merged.setdefault((text, bool(eos)), {"text": text, "ended_with_eos": bool(eos), "weight": 0.0, "count": 0})
+            entry = merged.setdefault(
+                (text, bool(eos)), {"text": text, "ended_with_eos": bool(eos), "weight": 0.0, "count": 0}
+            )
             entry["weight"] += float(weight)
             entry["count"] += 1
     answers = sorted(merged.values(), key=lambda entry: -entry["weight"])

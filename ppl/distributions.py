@@ -67,7 +67,7 @@ class Categorical(dist.CategoricalLogits):
     """NumPyro's ``CategoricalLogits`` drawing with :func:`sample_logits` (the same
     distribution, one uniform per row instead of Gumbel noise on every category)."""
 
-    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> Int[Array, "..."]:
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> Int[Array, ...]:
         logits = jnp.broadcast_to(self.logits, sample_shape + self.logits.shape)
         return sample_logits(key, logits)
 
@@ -197,7 +197,7 @@ class LanguageModel(dist.Distribution):
         tokens = jax.vmap(lambda k: self._run(k, None)[0])(keys)
         return tokens.reshape(sample_shape + (self.max_new_tokens,))
 
-    def log_prob(self, value: Int[Array, "... T"]) -> Float[Array, "..."]:
+    def log_prob(self, value: Int[Array, "... T"]) -> Float[Array, ...]:
         flat = jnp.reshape(value, (-1, self.max_new_tokens)).astype(jnp.int32)
         # A token after the first EOS must itself be EOS: anything else has probability 0.
         ended_before = jnp.cumsum(flat == self.eos_token_id, axis=1) - (flat == self.eos_token_id) > 0

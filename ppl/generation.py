@@ -47,7 +47,8 @@ automaton's look-ahead as a twist.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -102,7 +103,9 @@ def _call_twist(twist: Callable, state: TokenState, next_token: NextToken) -> Fl
     second forward pass. The shape is checked here, while tracing."""
     if getattr(twist, "uses_features", False):
         if next_token.features is None:
-            raise TypeError("this twist needs the decode's features: use an LM with decode_with_features (ppl.lm.FeatureLM)")
+            raise TypeError(
+                "this twist needs the decode's features: use an LM with decode_with_features (ppl.lm.FeatureLM)"
+            )
         log_twist = twist(state, next_token.features)
     else:
         log_twist = twist(state)
@@ -180,7 +183,9 @@ class Generation(StateSpace):
         if twist is not None and step == "chunk":
             raise ValueError("a twist applies to token steps; use step='token'")
         if delimiter is not None and jnp.shape(delimiter) != (lm.vocab_size,):
-            raise ValueError(f"delimiter must have shape ({lm.vocab_size},) like the LM's vocabulary, got {jnp.shape(delimiter)}")
+            raise ValueError(
+                f"delimiter must have shape ({lm.vocab_size},) like the LM's vocabulary, got {jnp.shape(delimiter)}"
+            )
         if not 0 <= eos_token_id < lm.vocab_size:
             raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary of {lm.vocab_size} tokens")
         if constraint is not None:

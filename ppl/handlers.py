@@ -20,7 +20,8 @@ Sites sampled from their own prior contribute nothing (the bootstrap choice).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,7 @@ class Pinned(Distribution):
     ``pin(value, rows)`` itself, and :class:`pin` uses that instead.
     """
 
-    def __init__(self, base: Distribution, value: Array, rows: Bool[Array, "..."]):
+    def __init__(self, base: Distribution, value: Array, rows: Bool[Array, ...]):
         self.base, self.value, self.rows = base, value, jnp.asarray(rows, bool)
         super().__init__(batch_shape=base.batch_shape, event_shape=base.event_shape)
 

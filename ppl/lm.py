@@ -42,15 +42,15 @@ class ParticleCache(eqx.Module):
     """
 
     @abc.abstractmethod
-    def reindex(self, ancestors: Int[Array, " N"]) -> "ParticleCache":
+    def reindex(self, ancestors: Int[Array, " N"]) -> ParticleCache:
         """Row ``i`` of the result is row ``ancestors[i]`` (resampling)."""
 
     @abc.abstractmethod
-    def select(self, active: Bool[Array, " N"], previous: "ParticleCache") -> "ParticleCache":
+    def select(self, active: Bool[Array, " N"], previous: ParticleCache) -> ParticleCache:
         """This stepped cache where ``active``, ``previous`` elsewhere (frozen particles)."""
 
     @abc.abstractmethod
-    def where(self, mask: Bool[Array, " N"], other: "ParticleCache") -> "ParticleCache":
+    def where(self, mask: Bool[Array, " N"], other: ParticleCache) -> ParticleCache:
         """``self`` on the rows where ``mask`` holds, ``other`` elsewhere."""
 
     @abc.abstractmethod
@@ -58,7 +58,7 @@ class ParticleCache(eqx.Module):
         """A small per-particle summary to roll the cache back to later."""
 
     @abc.abstractmethod
-    def restore(self, checkpoint: Any) -> "ParticleCache":
+    def restore(self, checkpoint: Any) -> ParticleCache:
         """The cache rolled back to ``checkpoint`` (rows must only have grown since)."""
 
 
@@ -107,10 +107,14 @@ class FeatureLM(LM, Protocol):
     """
 
     @property
-    def hidden_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        """Width of the features (the last hidden state)."""
+        ...
 
     @property
-    def output_embedding(self) -> Float[Array, "V d"]: ...
+    def output_embedding(self) -> Float[Array, "V d"]:
+        """The ``[V, hidden_size]`` output projection: ``logits = features · output_embedding^T``."""
+        ...
 
     def decode_with_features(
         self, cache: Cache, tokens: Int[Array, " B"], active: Bool[Array, " B"] | None = None

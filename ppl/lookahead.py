@@ -44,7 +44,9 @@ class AcceptanceTwist(eqx.Module):
 
     def __init__(self, constraint: eqx.Module, budget: int, nats_per_token: float = 1.0):
         if not hasattr(constraint, "tokens_to_accept"):
-            raise TypeError(f"AcceptanceTwist needs a constraint with tokens_to_accept (a TokenDFA), got {type(constraint).__name__}")
+            raise TypeError(
+                f"AcceptanceTwist needs a constraint with tokens_to_accept (a TokenDFA), got {type(constraint).__name__}"
+            )
         if budget < 1:
             raise ValueError(f"budget must be at least 1 token, got {budget}")
         self.constraint, self.budget = constraint, budget

@@ -13,7 +13,8 @@ token (or chunk) and potentials are constraints and rewards.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -206,9 +207,7 @@ def check_program(program: StateSpace, n_particles: int = 1) -> ChoiceShapes:
     init_args = (n_particles,) if program.batched else ()
     name = type(program).__name__
     init_run = jax.eval_shape(lambda: run_weighted(program.init, key, *init_args))
-    step_run = jax.eval_shape(
-        lambda s: run_weighted(program.step, key, s, jnp.zeros((), jnp.int32)), init_run.value
-    )
+    step_run = jax.eval_shape(lambda s: run_weighted(program.step, key, s, jnp.zeros((), jnp.int32)), init_run.value)
     init_leaves, init_tree = jax.tree_util.tree_flatten_with_path(init_run.value)
     step_leaves, step_tree = jax.tree_util.tree_flatten_with_path(step_run.value)
     if init_tree != step_tree:

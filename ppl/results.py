@@ -77,11 +77,15 @@ class SMCResult(NamedTuple):
 
     def _check_answerable(self) -> None:
         if self.log_weights.ndim != 1:
-            raise ValueError(f"this result holds a batch of runs (log_weights {self.log_weights.shape}); "
-                             "take one first, e.g. jax.tree.map(lambda x: x[0], result)")
+            raise ValueError(
+                f"this result holds a batch of runs (log_weights {self.log_weights.shape}); "
+                "take one first, e.g. jax.tree.map(lambda x: x[0], result)"
+            )
         if bool(self.all_dead):
-            raise AllDeadError("every particle has zero weight (result.all_dead): no particle satisfied the "
-                               "target; relax the constraint, raise the token budget, or use more particles")
+            raise AllDeadError(
+                "every particle has zero weight (result.all_dead): no particle satisfied the "
+                "target; relax the constraint, raise the token budget, or use more particles"
+            )
 
     def _pick(self, indices: Int[Array, " n"], tokenizer: Any) -> Any:
         chosen = jax.tree.map(lambda leaf: leaf[indices], self.particles)

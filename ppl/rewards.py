@@ -338,8 +338,7 @@ def incremental(potential: Potential, weighting: Literal["ratio", "product"] | N
         implied = {"last": "ratio", "product": "product", "min": "ratio"}[potential.aggregate]
         if weighting not in (None, implied):
             raise ValueError(
-                f"a process_reward with aggregate={potential.aggregate!r} is weighted by {implied!r}, "
-                f"not {weighting!r}"
+                f"a process_reward with aggregate={potential.aggregate!r} is weighted by {implied!r}, not {weighting!r}"
             )
         return Incremental(potential, potential.aggregate)
     return Incremental(potential, "product" if weighting == "product" else "last")

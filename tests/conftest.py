@@ -21,7 +21,11 @@ if os.environ.get("PPL_X64") == "1":
     jax.config.update("jax_enable_x64", True)
 
 settings.register_profile(
-    "ppl", derandomize=True, max_examples=50, deadline=None, print_blob=True,
+    "ppl",
+    derandomize=True,
+    max_examples=50,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("ppl")

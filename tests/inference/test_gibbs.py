@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ppl.inference import Reference, conditional_smc, particle_gibbs, particle_gibbs_step, PGState
+from ppl.inference import PGState, Reference, conditional_smc, particle_gibbs, particle_gibbs_step
 from ppl.models.toy import random_hmm
 from ppl.models.toy_lm import EOS, MAX_NEW, enumerate_posterior, tiny_generation, tiny_llama
 
@@ -28,7 +28,11 @@ def hmm():
 
 
 def chains(program, n_particles, n_iterations, ancestor_sampling, n_chains=N_CHAINS, seed=0):
-    run = jax.jit(jax.vmap(lambda key: particle_gibbs(program, key, n_particles, n_iterations, ancestor_sampling=ancestor_sampling)))
+    run = jax.jit(
+        jax.vmap(
+            lambda key: particle_gibbs(program, key, n_particles, n_iterations, ancestor_sampling=ancestor_sampling)
+        )
+    )
     return run(jax.random.split(jax.random.key(seed), n_chains))
 
 
@@ -45,7 +49,9 @@ def test_particle_gibbs_reproduces_hmm_smoothing_marginals(hmm, ancestor_samplin
     standard_error = np.sqrt(np.maximum(exact * (1 - exact), 1e-4) / N_CHAINS)
     z = np.abs(estimate - exact) / standard_error
     changed_x0 = float(np.mean(np.asarray(result.samples["x"][:, 1:, 0] != result.samples["x"][:, :-1, 0])))
-    print(f"PG ancestor_sampling={ancestor_sampling}: max |z| = {z.max():.2f}, x_0 changes in {changed_x0:.3f} of sweeps")
+    print(
+        f"PG ancestor_sampling={ancestor_sampling}: max |z| = {z.max():.2f}, x_0 changes in {changed_x0:.3f} of sweeps"
+    )
     assert z.max() < 4.5, (estimate, exact)
 
 
@@ -127,7 +133,9 @@ def test_particle_gibbs_on_a_tiny_transformer_samples_the_enumerated_posterior(t
     tv = 0.5 * np.abs(observed / N_CHAINS - exact).sum()
     expected = exact * N_CHAINS
     small = expected < 5
-    p_value = stats.chisquare(np.append(observed[~small], observed[small].sum()), np.append(expected[~small], expected[small].sum())).pvalue
+    p_value = stats.chisquare(
+        np.append(observed[~small], observed[small].sum()), np.append(expected[~small], expected[small].sum())
+    ).pvalue
     print(f"tiny Llama PG ancestor_sampling={ancestor_sampling}: TV {tv:.4f}, chi-square p = {p_value:.4f}")
     assert p_value > 1e-3 and tv < 0.07
 

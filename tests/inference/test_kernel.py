@@ -92,7 +92,11 @@ def test_progress_runs_in_segments_with_the_same_result(hmm):
     reports = []
     plain = smc(program, jax.random.key(5), 32, ess_threshold=0.7)
     segmented = smc(
-        program, jax.random.key(5), 32, ess_threshold=0.7, progress_every=3,
+        program,
+        jax.random.key(5),
+        32,
+        ess_threshold=0.7,
+        progress_every=3,
         progress=lambda steps, ess, finished: reports.append((steps, float(ess), int(finished))),
     )
     assert [steps for steps, _, _ in reports] == [3, 6, program.max_steps]

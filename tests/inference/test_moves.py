@@ -36,8 +36,10 @@ def test_hmm_evidence_stays_unbiased_and_marginals_properly_weighted(hmm):
     ratios = np.exp(np.asarray(results.log_z, np.float64) - log_z)
     standard_error = ratios.std(ddof=1) / np.sqrt(len(ratios))
     assert float(np.mean(results.acceptance_rate[:, 1:])) > 0.3  # the move does move
-    print(f"HMM resample-move: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}, "
-          f"acceptance {float(np.mean(results.acceptance_rate[:, 1:])):.3f}")
+    print(
+        f"HMM resample-move: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}, "
+        f"acceptance {float(np.mean(results.acceptance_rate[:, 1:])):.3f}"
+    )
     assert standard_error < 0.025 and abs(ratios.mean() - 1) < 3 * standard_error
     np.testing.assert_array_equal(results.choices["x"], results.particles["path"])
     weights = np.exp(np.asarray(results.log_weights, np.float64) - log_z)  # [seeds, N]
@@ -68,8 +70,10 @@ def test_tiny_transformer_evidence_and_posterior_with_rejuvenation(tiny):
     results = _runs(tiny_generation(lm), 1000, 8, 2, seed=3)
     ratios = np.exp(np.asarray(results.log_z, np.float64) - log_z)
     standard_error = ratios.std(ddof=1) / np.sqrt(len(ratios))
-    print(f"tiny Llama resample-move: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}, "
-          f"acceptance {float(np.mean(results.acceptance_rate[:, 1:])):.3f}")
+    print(
+        f"tiny Llama resample-move: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}, "
+        f"acceptance {float(np.mean(results.acceptance_rate[:, 1:])):.3f}"
+    )
     assert abs(ratios.mean() - 1) < 3 * standard_error
     weights = np.exp(np.asarray(results.log_weights, np.float64) - log_z)
     tokens, lengths = np.asarray(results.particles.tokens), np.asarray(results.particles.length)
@@ -85,8 +89,10 @@ def test_tiny_transformer_evidence_and_posterior_with_rejuvenation(tiny):
     # they are judged by their contribution to the total variation instead.
     common = exact > 0.005
     z = np.abs(estimate - exact)[common] / (per_seed.std(0, ddof=1)[common] / np.sqrt(len(weights)))
-    print(f"tiny Llama resample-move posterior: max |z| over {common.sum()} sequences = {z.max():.2f}, "
-          f"mass of the others {exact[~common].sum():.4f} estimated {estimate[~common].sum():.4f}")
+    print(
+        f"tiny Llama resample-move posterior: max |z| over {common.sum()} sequences = {z.max():.2f}, "
+        f"mass of the others {exact[~common].sum():.4f} estimated {estimate[~common].sum():.4f}"
+    )
     assert z.max() < 4.5
     assert abs(estimate[~common].sum() - exact[~common].sum()) < 0.01
 
@@ -94,7 +100,11 @@ def test_tiny_transformer_evidence_and_posterior_with_rejuvenation(tiny):
 def _chi_square(observed: np.ndarray, probabilities: np.ndarray) -> float:
     expected = probabilities / probabilities.sum() * observed.sum()
     small = expected < 5
-    return float(stats.chisquare(np.append(observed[~small], observed[small].sum()), np.append(expected[~small], expected[small].sum())).pvalue)
+    return float(
+        stats.chisquare(
+            np.append(observed[~small], observed[small].sum()), np.append(expected[~small], expected[small].sum())
+        ).pvalue
+    )
 
 
 def _move_once(program, choices, lag, t, seed=1):
@@ -117,7 +127,9 @@ def test_suffix_mh_leaves_the_hmm_posterior_invariant():
     codes = after @ (2 ** np.arange(4))
     observed = np.array([(codes == c).sum() for c in paths @ (2 ** np.arange(4))], np.float64)
     p_value = _chi_square(observed, probabilities)
-    print(f"suffix_mh HMM invariance: acceptance {float(acceptance):.3f}, changed {changed:.3f}, chi-square p = {p_value:.4f}")
+    print(
+        f"suffix_mh HMM invariance: acceptance {float(acceptance):.3f}, changed {changed:.3f}, chi-square p = {p_value:.4f}"
+    )
     assert changed > 0.1 and p_value > 1e-3
 
 
@@ -142,7 +154,9 @@ def test_suffix_mh_leaves_the_tiny_transformer_posterior_invariant(tiny):
         observed[index[tuple(int(v) for v in row[:length])]] += 1
     changed = float(np.mean([tuple(int(v) for v in row[:n]) != keys[i] for row, n, i in zip(tokens, lengths, draws)]))
     p_value = _chi_square(observed, probabilities)
-    print(f"suffix_mh tiny Llama invariance: acceptance {float(acceptance):.3f}, changed {changed:.3f}, chi-square p = {p_value:.4f}")
+    print(
+        f"suffix_mh tiny Llama invariance: acceptance {float(acceptance):.3f}, changed {changed:.3f}, chi-square p = {p_value:.4f}"
+    )
     assert changed > 0.05 and p_value > 1e-3
 
 

@@ -30,7 +30,16 @@ from ppl.inference.pmmh import pmmh
 from ppl.models.constraints import TokenDFA, regex
 from ppl.models.llama import Llama
 from ppl.models.toy import CategoricalHMM
-from ppl.models.toy_lm import EOS, MAX_NEW, PATTERN, PROMPT, enumerate_posterior, tiny_generation, tiny_llama, tiny_tokenizer
+from ppl.models.toy_lm import (
+    EOS,
+    MAX_NEW,
+    PATTERN,
+    PROMPT,
+    enumerate_posterior,
+    tiny_generation,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 STICKINESS = 2.0  # θ0: the stickiness the HMM data are simulated at
 STICKINESS_PRIOR = dist.Gamma(2.0, 1.0)  # mean 2, sd 1.41; positive, so PMMH walks in log θ
@@ -76,7 +85,12 @@ def grid_moments(grid: np.ndarray, log_density: np.ndarray) -> tuple[float, floa
     mean = float(np.sum(weights * grid))
     centred = grid - mean
     edge = len(grid) // 100
-    return mean, float(np.sqrt(np.sum(weights * centred**2))), float(np.sum(weights * centred**4)), float(weights[:edge].sum() + weights[-edge:].sum())
+    return (
+        mean,
+        float(np.sqrt(np.sum(weights * centred**2))),
+        float(np.sum(weights * centred**4)),
+        float(weights[:edge].sum() + weights[-edge:].sum()),
+    )
 
 
 def test_pmmh_recovers_the_posterior_of_an_hmm_stickiness():
@@ -89,7 +103,9 @@ def test_pmmh_recovers_the_posterior_of_an_hmm_stickiness():
     must put θ0 within 3 posterior sd of its mean and shrink the prior sd by at least half."""
     sticky = sticky_hmm(seed=3, n_steps=80)
     grid = np.linspace(1e-3, 10.0, 2000)
-    log_likelihood = np.asarray(jax.vmap(lambda theta: sticky.model(theta).log_z())(jnp.asarray(grid, jnp.float32)), np.float64)
+    log_likelihood = np.asarray(
+        jax.vmap(lambda theta: sticky.model(theta).log_z())(jnp.asarray(grid, jnp.float32)), np.float64
+    )
     log_posterior = log_likelihood + np.asarray(STICKINESS_PRIOR.log_prob(grid), np.float64)
     mean, sd, fourth, edge_mass = grid_moments(grid, log_posterior)
     mean_without_jacobian = grid_moments(grid, log_posterior - np.log(grid))[0]
@@ -137,7 +153,10 @@ def chi_square_p(counts: np.ndarray, probabilities: np.ndarray) -> float:
     expected = probabilities / probabilities.sum() * counts.sum()
     small = expected < 5
     if small.any():
-        counts, expected = np.append(counts[~small], counts[small].sum()), np.append(expected[~small], expected[small].sum())
+        counts, expected = (
+            np.append(counts[~small], counts[small].sum()),
+            np.append(expected[~small], expected[small].sum()),
+        )
     return float(stats.chisquare(counts, expected).pvalue)
 
 
@@ -148,7 +167,9 @@ def test_pmmh_over_prompts_samples_prior_times_evidence():
     chi-square p > 0.001. The same counts must reject the prior alone and the evidence alone
     (p < 0.001), so the check sees both factors of the target."""
     lm = tiny_llama(0)
-    log_z = np.array([np.logaddexp.reduce(np.array(list(enumerate_posterior(lm, prompt).values()))) for prompt in PROMPTS])
+    log_z = np.array(
+        [np.logaddexp.reduce(np.array(list(enumerate_posterior(lm, prompt).values()))) for prompt in PROMPTS]
+    )
     exact = PROMPT_PRIOR * np.exp(log_z - log_z.max())
     exact /= exact.sum()
     program_fn = PromptChoice(lm, jnp.array(PROMPTS, jnp.int32), regex(PATTERN, tiny_tokenizer()))
@@ -213,8 +234,12 @@ def test_nuts_recovers_the_language_model_temperature():
             numpyro.sample("texts", ppl.LanguageModel(lm, prompt, MAX_NEW, EOS, temperature=temperature), obs=texts)
 
     grid = np.linspace(0.05, 3.0, 1000)
-    log_likelihood = jax.jit(jax.vmap(lambda tau: ppl.LanguageModel(lm, prompt, MAX_NEW, EOS, temperature=tau).log_prob(texts).sum()))
-    log_posterior = np.asarray(log_likelihood(jnp.asarray(grid, jnp.float32)), np.float64) + np.asarray(TEMPERATURE_PRIOR.log_prob(grid))
+    log_likelihood = jax.jit(
+        jax.vmap(lambda tau: ppl.LanguageModel(lm, prompt, MAX_NEW, EOS, temperature=tau).log_prob(texts).sum())
+    )
+    log_posterior = np.asarray(log_likelihood(jnp.asarray(grid, jnp.float32)), np.float64) + np.asarray(
+        TEMPERATURE_PRIOR.log_prob(grid)
+    )
     mean, sd, _, edge_mass = grid_moments(grid, log_posterior)
     assert edge_mass < 1e-6, edge_mass
     assert abs(mean - TEMPERATURE) < 3 * sd, (mean, sd)

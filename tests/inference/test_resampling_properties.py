@@ -182,7 +182,9 @@ def test_resampling_banks_log_mean_exp(weights, prefix, seed):
     assert (np.asarray(after.log_weights) == 0).all()
     np.testing.assert_allclose(float(after.log_z_prefix), before, rtol=1e-5, atol=1e-3)
     assert np.isfinite(float(after.log_z_prefix))
-    np.testing.assert_allclose(float(jax.nn.logsumexp(jnp.full((n,), prefix))) - math.log(n), prefix, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(
+        float(jax.nn.logsumexp(jnp.full((n,), prefix))) - math.log(n), prefix, rtol=1e-6, atol=1e-4
+    )
 
 
 def test_ess_is_exact_for_large_log_weights():

@@ -35,7 +35,10 @@ def test_hmm_evidence_is_unbiased(hmm, resampling, ess_threshold):
     The standard error is estimated from the same draws; we also require it to be below
     0.025 so the check has the power to see a 10% bias (4 standard errors)."""
     n_seeds = 2000
-    ratios = np.exp(_log_z_over_seeds(hmm.program(), n_seeds, 16, resampling=resampling, ess_threshold=ess_threshold) - float(hmm.log_z()))
+    ratios = np.exp(
+        _log_z_over_seeds(hmm.program(), n_seeds, 16, resampling=resampling, ess_threshold=ess_threshold)
+        - float(hmm.log_z())
+    )
     standard_error = ratios.std(ddof=1) / np.sqrt(n_seeds)
     print(f"HMM {resampling} ess_threshold={ess_threshold}: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f} (SE)")
     assert standard_error < 0.025
@@ -65,9 +68,7 @@ def test_kalman_log_evidence_converges():
     log_z = float(ssm.log_z())
     errors = {}
     for n_particles in (64, 256, 1024, 4096):
-        estimates = np.concatenate(
-            [_log_z_over_seeds(ssm.program(), 512, n_particles, seed=seed) for seed in (1, 2)]
-        )
+        estimates = np.concatenate([_log_z_over_seeds(ssm.program(), 512, n_particles, seed=seed) for seed in (1, 2)])
         standard_error = estimates.std(ddof=1) / np.sqrt(len(estimates))
         errors[n_particles] = abs(estimates.mean() - log_z)
         corrected = estimates.mean() + estimates.var(ddof=1) / 2

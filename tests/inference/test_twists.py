@@ -15,7 +15,14 @@ import pytest
 
 from ppl.inference import bidirectional_bounds, ctl, elbo, fit, iwae, replay, smc_bound
 from ppl.models import ProposalHead, TwistHead, with_twist
-from ppl.models.toy_lm import TableTwist, enumerate_posterior, optimal_log_twist, posterior_choices, tiny_generation, tiny_llama
+from ppl.models.toy_lm import (
+    TableTwist,
+    enumerate_posterior,
+    optimal_log_twist,
+    posterior_choices,
+    tiny_generation,
+    tiny_llama,
+)
 
 pytestmark = pytest.mark.slow
 SEEDS = 1000
@@ -61,7 +68,14 @@ def test_every_estimate_is_on_its_side_of_log_z(setup):
     assert upper - 3 * se > log_z, (upper, se, log_z)
     assert np.mean(estimates["elbo"]) < np.mean(estimates["iwae4"])
     twisted = with_twist(program, random_head(TwistHead, lm, 3))
-    ratio, se = mean_se(np.exp(bidirectional_bounds(twisted, jax.random.key(4), 2, posterior_choices(exact, jax.random.key(5), SEEDS)).lower - log_z))
+    ratio, se = mean_se(
+        np.exp(
+            bidirectional_bounds(
+                twisted, jax.random.key(4), 2, posterior_choices(exact, jax.random.key(5), SEEDS)
+            ).lower
+            - log_z
+        )
+    )
     print(f"random twist: mean Ẑ/Z = {ratio:.4f} ± {se:.4f}")
     assert abs(ratio - 1) < 3 * se
 
@@ -125,7 +139,10 @@ def test_score_function_gradients_are_unbiased(setup):
     directions = [jax.tree.map(lambda x, s=s: jax.random.normal(jax.random.key(s), x.shape), head) for s in (11, 12)]
 
     def project(grad):
-        parts = [grad.bias] + [sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))) for direction in directions]
+        parts = [grad.bias] + [
+            sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+            for direction in directions
+        ]
         return jnp.concatenate([parts[0], jnp.stack(parts[1:])])
 
     keys = jax.random.split(jax.random.key(3), SEEDS)

@@ -54,7 +54,9 @@ def test_ctrl_c_during_steer_exits_130_with_one_line():
     once generation has started."""
     process = subprocess.Popen(
         [sys.executable, "-m", "ppl.cli", "steer", "Write a long story.", "--particles", "4", "--max-tokens", "400"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     stderr = b""
     deadline = time.monotonic() + 400

@@ -19,7 +19,17 @@ import pytest
 import ppl
 from ppl.inference import smc
 from ppl.models.constraints import TokenDFA, regex
-from ppl.models.toy_lm import EOS, MAX_NEW, PATTERN, PROMPT, VOCAB, enumerate_posterior, tiny_generation, tiny_llama, tiny_tokenizer
+from ppl.models.toy_lm import (
+    EOS,
+    MAX_NEW,
+    PATTERN,
+    PROMPT,
+    VOCAB,
+    enumerate_posterior,
+    tiny_generation,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 TEXT_TOKENS = range(len(VOCAB) - 2)  # BOS and EOS are never text
 NO_CAP = r"[ab]+ c"  # a word with no length cap, then " c": 3 tokens and EOS at the shortest
@@ -69,8 +79,11 @@ def test_budget_mask_allows_exactly_the_tokens_that_can_still_finish(pattern):
             within = np.asarray(dfa.mask_within(state, text_left))
             assert within[EOS] == accepts(dfa, body) == bool(re.fullmatch(pattern, text(body)))
             for token in TEXT_TOKENS:
-                finishes = any(accepts(dfa, body + (token,) + suffix)
-                               for n in range(text_left) for suffix in itertools.product(TEXT_TOKENS, repeat=n))
+                finishes = any(
+                    accepts(dfa, body + (token,) + suffix)
+                    for n in range(text_left)
+                    for suffix in itertools.product(TEXT_TOKENS, repeat=n)
+                )
                 assert within[token] == finishes, (body, token)
             stricter += int((np.asarray(dfa.mask(state)) & ~within).sum())
             # However large the budget, a forbidden token stays forbidden (distances of
@@ -104,8 +117,9 @@ def test_a_word_with_no_length_cap_never_ends_all_dead(lm):
     EOS. With budget masks the locally optimal proposal never takes that step (every particle
     of 32 survives, 4 seeds); through the bare protocol a third or more die there."""
     dfa = regex(NO_CAP, tiny_tokenizer())
-    run = jax.jit(jax.vmap(lambda constraint, key: smc(tiny_generation(lm, constraint=constraint), key, 32),
-                           in_axes=(None, 0)))
+    run = jax.jit(
+        jax.vmap(lambda constraint, key: smc(tiny_generation(lm, constraint=constraint), key, 32), in_axes=(None, 0))
+    )
     keys = jax.random.split(jax.random.key(2), 4)
     assert np.all(np.isfinite(np.asarray(run(dfa, keys).log_weights)))
     dead = np.mean(np.isneginf(np.asarray(run(WithoutBudget(dfa), keys).log_weights)))
@@ -130,7 +144,11 @@ def test_lookahead_twist_leaves_z_and_the_posterior_exact(lm, log_gamma):
     log_weights = np.asarray(results.log_weights, np.float64).reshape(-1)
     weights = np.exp(log_weights - log_weights.max())
     histogram = dict.fromkeys(log_gamma, 0.0)
-    rows = zip(np.asarray(results.particles.tokens).reshape(-1, MAX_NEW), np.asarray(results.particles.length).reshape(-1), weights)
+    rows = zip(
+        np.asarray(results.particles.tokens).reshape(-1, MAX_NEW),
+        np.asarray(results.particles.length).reshape(-1),
+        weights,
+    )
     for row, length, weight in rows:
         if weight > 0:
             histogram[tuple(row[:length])] += weight  # a KeyError would be a particle outside the support
@@ -139,7 +157,9 @@ def test_lookahead_twist_leaves_z_and_the_posterior_exact(lm, log_gamma):
     tv = 0.5 * np.abs(estimate - exact).sum()
     ess = weights.sum() ** 2 / np.sum(weights**2)
     predicted = 0.5 * np.sum(np.sqrt(2 * exact * (1 - exact) / (np.pi * ess)))
-    print(f"look-ahead twist: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f} (SE); TV {tv:.4f} (predicted {predicted:.4f}, ESS {ess:.0f})")
+    print(
+        f"look-ahead twist: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f} (SE); TV {tv:.4f} (predicted {predicted:.4f}, ESS {ess:.0f})"
+    )
     assert standard_error < 0.08
     assert abs(ratios.mean() - 1.0) < 3 * standard_error, (ratios.mean(), standard_error)
     assert tv < 2 * predicted and tv < 0.05, (tv, predicted)
@@ -159,7 +179,9 @@ def test_answers_are_live_particles_and_score_under_the_language_model(lm, log_g
     assert result.best().length.shape == ()  # no tokenizer: the particle's state
     log_p = ppl.LanguageModel(lm, jnp.asarray(PROMPT), MAX_NEW, EOS).log_prob(program.completions(result.particles))
     alive = np.isfinite(np.asarray(result.log_weights))
-    for row, length, score in zip(np.asarray(result.particles.tokens)[alive], np.asarray(result.particles.length)[alive], np.asarray(log_p)[alive]):
+    for row, length, score in zip(
+        np.asarray(result.particles.tokens)[alive], np.asarray(result.particles.length)[alive], np.asarray(log_p)[alive]
+    ):
         body = tuple(int(v) for v in row[:length])
         assert score == pytest.approx(log_gamma[body] - 0.7 * text(body).count("a"), abs=1e-4)
 
@@ -167,7 +189,9 @@ def test_answers_are_live_particles_and_score_under_the_language_model(lm, log_g
 def test_answers_of_an_all_dead_run_are_an_error(lm):
     only_c = regex("c{4}", tiny_tokenizer())  # 4 tokens then EOS: more than the 4 slots
     assert only_c.min_tokens == 4
-    result = smc(ppl.Generation(lm, jnp.asarray(PROMPT), MAX_NEW, EOS, constraint=only_c, require_eos=True), jax.random.key(0), 4)
+    result = smc(
+        ppl.Generation(lm, jnp.asarray(PROMPT), MAX_NEW, EOS, constraint=only_c, require_eos=True), jax.random.key(0), 4
+    )
     assert bool(result.all_dead)
     with pytest.raises(ppl.AllDeadError, match="relax the constraint, raise the token budget"):
         result.sample(jax.random.key(0), 1, tiny_tokenizer())

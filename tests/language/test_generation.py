@@ -18,7 +18,16 @@ import pytest
 import ppl
 from ppl.inference import smc
 from ppl.models.constraints import regex
-from ppl.models.toy_lm import EOS, MAX_NEW, PROMPT, VOCAB, enumerate_posterior, tiny_generation, tiny_llama, tiny_tokenizer
+from ppl.models.toy_lm import (
+    EOS,
+    MAX_NEW,
+    PROMPT,
+    VOCAB,
+    enumerate_posterior,
+    tiny_generation,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 PROMPT = jnp.array(PROMPT, jnp.int32)
 
@@ -40,8 +49,11 @@ def random_twist(state):
 
 def program(lm, constraint, proposal, step="token"):
     return tiny_generation(
-        lm, "locally_optimal" if proposal == "twisted" else proposal, step=step,
-        delimiter=np.arange(len(VOCAB)) == 4, twist=random_twist if proposal == "twisted" else None,
+        lm,
+        "locally_optimal" if proposal == "twisted" else proposal,
+        step=step,
+        delimiter=np.arange(len(VOCAB)) == 4,
+        twist=random_twist if proposal == "twisted" else None,
     )
 
 
@@ -98,7 +110,9 @@ def test_posterior_total_variation(setup):
     for seed in range(4):
         weights = np.asarray(results.weights[seed], np.float64)
         histogram = dict.fromkeys(keys, 0.0)
-        for row, length, weight in zip(np.asarray(results.particles.tokens[seed]), np.asarray(results.particles.length[seed]), weights):
+        for row, length, weight in zip(
+            np.asarray(results.particles.tokens[seed]), np.asarray(results.particles.length[seed]), weights
+        ):
             if weight > 0:
                 histogram[tuple(row[:length])] += weight
         tvs.append(0.5 * np.abs(np.array(list(histogram.values())) - exact).sum())
@@ -186,6 +200,9 @@ def test_trajectories_replay_to_the_exact_log_gamma(setup, step):
     np.testing.assert_array_equal(replayed.particles.tokens, result.particles.tokens)
     site = "chunk" if step == "chunk" else "token"
     assert set(result.choices) == {site}
-    expected = [exact[tuple(int(v) for v in row[:n])] for row, n in zip(np.asarray(result.particles.tokens)[alive], np.asarray(result.particles.length)[alive])]
+    expected = [
+        exact[tuple(int(v) for v in row[:n])]
+        for row, n in zip(np.asarray(result.particles.tokens)[alive], np.asarray(result.particles.length)[alive])
+    ]
     np.testing.assert_allclose(np.asarray(result.log_gamma)[alive], expected, atol=1e-4)
     np.testing.assert_allclose(np.asarray(ppl.inference.score(chunks, result.choices))[alive], expected, atol=1e-4)

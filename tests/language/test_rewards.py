@@ -105,8 +105,9 @@ def test_process_reward_aggregates(aggregate, expected):
 
 
 def test_min_increments_are_drops_of_the_running_min():
-    increments, _ = run_steps(incremental(process_reward(table_potential(STEP_VALUES[:1]), "min")), 4,
-                              tokens=TOKENS[:1])
+    increments, _ = run_steps(
+        incremental(process_reward(table_potential(STEP_VALUES[:1]), "min")), 4, tokens=TOKENS[:1]
+    )
     np.testing.assert_allclose(increments[:, 0], [-1.0, -2.0, 0.0, 0.0])
 
 
@@ -259,8 +260,9 @@ def test_host_batch_decode_receives_rows_cut_to_length():
         seen.append(rows)
         return ["".join(map(str, row)) for row in rows]
 
-    potential = host_potential(lambda texts, lengths, done: np.array([len(text) for text in texts]),
-                               batch_decode=decode)
+    potential = host_potential(
+        lambda texts, lengths, done: np.array([len(text) for text in texts]), batch_decode=decode
+    )
     np.testing.assert_array_equal(jax.jit(potential)(TOKENS, LENGTHS, DONE), [1.0, 2.0, 3.0])
     assert seen == [[[3], [9, 2], [5, 8, 9]]]
 

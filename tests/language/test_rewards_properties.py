@@ -40,7 +40,9 @@ def _run_all(table):
         weights = weighting(rule)(table)
 
         def step(carry, t):
-            carry, increment = weights.update(carry, jnp.zeros((n, 1), jnp.int32), jnp.full((n,), t), jnp.zeros(n, bool))
+            carry, increment = weights.update(
+                carry, jnp.zeros((n, 1), jnp.int32), jnp.full((n,), t), jnp.zeros(n, bool)
+            )
             return carry, increment
 
         _, increments = jax.lax.scan(step, weights.init(n), jnp.arange(table.shape[0]))
@@ -50,9 +52,9 @@ def _run_all(table):
 
 def expected_total(values: np.ndarray, rule: str) -> float:
     """The target's log-factor for one particle's value sequence, in float64."""
-    for t, v in enumerate(values):
+    for v in values:
         if math.isnan(v):
-            return math.nan  # reported as a NaN increment at step t
+            return math.nan  # reported as a NaN increment at that step
         if v == -math.inf:
             return -math.inf
     if rule == "ratio":

@@ -22,13 +22,15 @@ from ppl.models import constraints, grammar, smollm2
 
 pytestmark = pytest.mark.slow
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "age": {"type": "integer", "minimum": 0}},
-          "required": ["name", "age"]}
-ARITHMETIC = r'''start: expr
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name", "age"],
+}
+ARITHMETIC = r"""start: expr
 expr: term (("+" | "-" | "*") term)*
 term: NUMBER | "(" expr ")"
-NUMBER: /[0-9]{1,3}/'''
+NUMBER: /[0-9]{1,3}/"""
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +46,13 @@ def _texts(tokenizer, result):
 
 def test_json_schema_holds_in_every_weighted_particle(model):
     lm, tokenizer = model
-    prompt = tokenizer.encode_chat([{"role": "user", "content": "Describe Ada Lovelace as JSON with her name and age."}])
+    prompt = tokenizer.encode_chat(
+        [{"role": "user", "content": "Describe Ada Lovelace as JSON with her name and age."}]
+    )
     constraint = constraints.regex(build_regex_from_schema(json.dumps(SCHEMA)), tokenizer)
-    program = ppl.Generation(lm, prompt, 32, tokenizer.eos_token_id, constraint=constraint,
-                             proposal="locally_optimal", require_eos=True)
+    program = ppl.Generation(
+        lm, prompt, 32, tokenizer.eos_token_id, constraint=constraint, proposal="locally_optimal", require_eos=True
+    )
     texts = _texts(tokenizer, smc(program, jax.random.key(0), 8))
     assert texts
     for text in texts:
@@ -58,8 +63,9 @@ def test_context_free_grammar_holds_in_every_weighted_particle(model):
     lm, tokenizer = model
     prompt = tokenizer.encode_chat([{"role": "user", "content": "Write an arithmetic expression with parentheses."}])
     constraint = grammar.grammar(ARITHMETIC, tokenizer)
-    program = ppl.Generation(lm, prompt, 16, tokenizer.eos_token_id, constraint=constraint,
-                             proposal="locally_optimal", require_eos=True)
+    program = ppl.Generation(
+        lm, prompt, 16, tokenizer.eos_token_id, constraint=constraint, proposal="locally_optimal", require_eos=True
+    )
     texts = _texts(tokenizer, smc(program, jax.random.key(0), 8))
     assert texts and constraint.store.calls > 0
     for text in texts:

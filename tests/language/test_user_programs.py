@@ -58,7 +58,13 @@ class TwoPrompts(ppl.StateSpace):
         next_b = ppl.NextToken(self.lm, state["cache_b"], jnp.where(first, PROMPT_B[-1], state["last"]), active)
         token = numpyro.sample("token", dist.Categorical(logits=next_a.logits + state["z"][:, None] * self.bias))
         ppl.observe("prompt_b", next_b, token)
-        return {**state, "cache_a": next_a.cache, "cache_b": next_b.cache, "last": token.astype(jnp.int32), "finished": token == EOS}
+        return {
+            **state,
+            "cache_a": next_a.cache,
+            "cache_b": next_b.cache,
+            "last": token.astype(jnp.int32),
+            "finished": token == EOS,
+        }
 
     def done(self, state):
         return state["finished"]
@@ -81,15 +87,23 @@ def exact_answers(lm):
     log_joint_z = np.full(len(grid), -np.inf)  # log sum_x gamma(z, x) / N(z; 0, 1), on the grid
     for sequences in by_length.values():
         x = np.array(sequences)  # [M, n]
-        logits_a = np.asarray(forward(jnp.concatenate([jnp.broadcast_to(PROMPT_A, (len(x), 3)), x], 1)), np.float64)[:, 2:-1]
-        logits_b = np.asarray(forward(jnp.concatenate([jnp.broadcast_to(PROMPT_B, (len(x), 3)), x], 1)), np.float64)[:, 2:-1]
+        logits_a = np.asarray(forward(jnp.concatenate([jnp.broadcast_to(PROMPT_A, (len(x), 3)), x], 1)), np.float64)[
+            :, 2:-1
+        ]
+        logits_b = np.asarray(forward(jnp.concatenate([jnp.broadcast_to(PROMPT_B, (len(x), 3)), x], 1)), np.float64)[
+            :, 2:-1
+        ]
         log_b = logits_b - np.logaddexp.reduce(logits_b, axis=-1, keepdims=True)
         picked_b = np.take_along_axis(log_b, x[..., None], -1)[..., 0].sum(-1)  # [M]
         for part in np.array_split(np.arange(len(grid)), 16):
             shifted = logits_a[:, None] + grid[part][None, :, None, None] * bias  # [M, g, n, V]
             log_a = shifted - np.logaddexp.reduce(shifted, axis=-1, keepdims=True)
-            picked_a = np.take_along_axis(log_a, np.broadcast_to(x[:, None, :, None], log_a.shape[:3] + (1,)), -1)[..., 0].sum(-1)
-            log_joint_z[part] = np.logaddexp(log_joint_z[part], np.logaddexp.reduce(picked_a + picked_b[:, None], axis=0))
+            picked_a = np.take_along_axis(log_a, np.broadcast_to(x[:, None, :, None], log_a.shape[:3] + (1,)), -1)[
+                ..., 0
+            ].sum(-1)
+            log_joint_z[part] = np.logaddexp(
+                log_joint_z[part], np.logaddexp.reduce(picked_a + picked_b[:, None], axis=0)
+            )
     log_joint_z += -0.5 * grid**2 - 0.5 * np.log(2 * np.pi)
     log_dz = np.log(grid[1] - grid[0])
     log_z = np.logaddexp.reduce(log_joint_z) + log_dz
@@ -104,9 +118,13 @@ def test_smc_evidence_and_posterior_mean_of_the_continuous_latent(world):
     results = jax.jit(jax.vmap(lambda key: smc(program, key, 32)))(jax.random.split(jax.random.key(0), 1000))
     ratios = np.exp(np.asarray(results.log_z, np.float64) - log_z)
     standard_error = ratios.std(ddof=1) / np.sqrt(len(ratios))
-    weighted_z = np.sum(np.exp(np.asarray(results.log_weights, np.float64) - log_z) * np.asarray(results.choices["z"][:, :, 0]), axis=1)
+    weighted_z = np.sum(
+        np.exp(np.asarray(results.log_weights, np.float64) - log_z) * np.asarray(results.choices["z"][:, :, 0]), axis=1
+    )
     z_error = abs(weighted_z.mean() - mean_z) / (weighted_z.std(ddof=1) / np.sqrt(len(weighted_z)))
-    print(f"TwoPrompts SMC: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}; E[z] {weighted_z.mean():.4f} vs exact {mean_z:.4f} ({z_error:.2f} SE)")
+    print(
+        f"TwoPrompts SMC: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}; E[z] {weighted_z.mean():.4f} vs exact {mean_z:.4f} ({z_error:.2f} SE)"
+    )
     assert abs(ratios.mean() - 1) < 3 * standard_error
     assert z_error < 4.5
     np.testing.assert_array_equal(results.choices["z"][:, :, 0], results.particles["z"])
@@ -116,11 +134,15 @@ def test_resample_move_keeps_the_evidence_unbiased(world):
     """The same program with suffix_mh(2) after every step (two caches rolled back by their
     lengths): mean Ẑ/Z within 3 SE of 1 over 1000 seeds."""
     lm, program, (log_z, _) = world
-    results = jax.jit(jax.vmap(lambda key: smc(program, key, 16, rejuvenate=suffix_mh(2))))(jax.random.split(jax.random.key(1), 1000))
+    results = jax.jit(jax.vmap(lambda key: smc(program, key, 16, rejuvenate=suffix_mh(2))))(
+        jax.random.split(jax.random.key(1), 1000)
+    )
     ratios = np.exp(np.asarray(results.log_z, np.float64) - log_z)
     standard_error = ratios.std(ddof=1) / np.sqrt(len(ratios))
-    print(f"TwoPrompts resample-move: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}, "
-          f"acceptance {float(np.mean(results.acceptance_rate[:, 1:])):.3f}")
+    print(
+        f"TwoPrompts resample-move: mean Ẑ/Z = {ratios.mean():.4f} ± {standard_error:.4f}, "
+        f"acceptance {float(np.mean(results.acceptance_rate[:, 1:])):.3f}"
+    )
     assert abs(ratios.mean() - 1) < 3 * standard_error
 
 

@@ -21,15 +21,33 @@ from ppl.models.loaders import gguf_hf_tensors, hf_config_dict, read_gguf
 TINY_CONFIGS = {
     # Llama 3 style: GQA, untied head, llama3 rope scaling that changes long wavelengths.
     "llama": transformers.LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     ),
     # Qwen2: q/k/v biases, tied embeddings, no GQA grouping beyond 2.
     "qwen2": transformers.Qwen2Config(
-        vocab_size=89, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=3, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        vocab_size=89,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     ),
 }

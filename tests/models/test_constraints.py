@@ -20,20 +20,32 @@ from ppl.models.tokenizer import Tokenizer
 
 # name: (pattern, texts that match it, texts that don't)
 PATTERNS = {
-    "date": (r"\d{4}-\d{2}-\d{2}",
-             ["2024-01-15", "1999-12-31", "٢٠٢٤-٠١-١٥"],  # \d is Unicode-aware, as in `re`
-             ["2024-1-15", "2024-01-15 ", "24-01-15", "2024/01/15"]),
-    "phone": (r"\(\d{3}\) \d{3}-\d{4}",
-              ["(555) 123-4567", "(212) 000-9999"],
-              ["555-123-4567", "(555) 1234567", "(555)  123-4567"]),
-    "json": (r'\{"name": "[a-z]{1,10}", "age": \d{1,2}\}',
-             ['{"name": "ada", "age": 36}', '{"name": "abcdefghij", "age": 7}'],
-             ['{"name": "Ada", "age": 36}', '{"name": "ada", "age": 365}', '{"name": "", "age": 3}',
-              '{"name": "abcdefghijk", "age": 1}']),
+    "date": (
+        r"\d{4}-\d{2}-\d{2}",
+        ["2024-01-15", "1999-12-31", "٢٠٢٤-٠١-١٥"],  # \d is Unicode-aware, as in `re`
+        ["2024-1-15", "2024-01-15 ", "24-01-15", "2024/01/15"],
+    ),
+    "phone": (
+        r"\(\d{3}\) \d{3}-\d{4}",
+        ["(555) 123-4567", "(212) 000-9999"],
+        ["555-123-4567", "(555) 1234567", "(555)  123-4567"],
+    ),
+    "json": (
+        r'\{"name": "[a-z]{1,10}", "age": \d{1,2}\}',
+        ['{"name": "ada", "age": 36}', '{"name": "abcdefghij", "age": 7}'],
+        [
+            '{"name": "Ada", "age": 36}',
+            '{"name": "ada", "age": 365}',
+            '{"name": "", "age": 3}',
+            '{"name": "abcdefghijk", "age": 1}',
+        ],
+    ),
     # A repeated group holding a space: outlines-core 0.2.14 (the route before) rejected "fig, fig".
-    "fruits": (r"(apple|fig|grape)(, (apple|fig|grape)){0,2}",
-               ["fig", "fig, fig", "apple, grape, fig"],
-               ["fig, fig, fig, fig", "fig,fig", "fig, "]),
+    "fruits": (
+        r"(apple|fig|grape)(, (apple|fig|grape)){0,2}",
+        ["fig", "fig, fig", "apple, grape, fig"],
+        ["fig, fig, fig, fig", "fig,fig", "fig, "],
+    ),
 }
 
 
@@ -111,6 +123,7 @@ def accepts(dfa: TokenDFA, ids: list[int]) -> bool:
 
 # --- regex -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_regex_random_walks_match(name, regexes, tok):
     pattern = PATTERNS[name][0]
@@ -166,6 +179,7 @@ def test_special_tokens_never_allowed_eos_only_when_accepting(regexes, tok):
 
 # --- JAX semantics -----------------------------------------------------------------------------
 
+
 def test_mask_and_advance_jit_vmap_match_numpy(regexes, tok):
     dfa, ref = regexes["json"], Reference(regexes["json"])
     n_states = dfa.transitions.shape[0]
@@ -187,8 +201,9 @@ def test_mask_and_advance_jit_vmap_match_numpy(regexes, tok):
     np.testing.assert_array_equal(np.asarray(nexts), [ref.advance(s, t) for s, t in zip(states, tokens)])
     assert (np.asarray(nexts) >= 0).sum() > len(states) // 3
     np.testing.assert_array_equal(np.asarray(jax.vmap(dfa.is_dead)(states)), states < 0)
-    np.testing.assert_array_equal(np.asarray(jax.vmap(dfa.is_accepting)(states)),
-                                  [s >= 0 and ref.accepting[s] for s in states])
+    np.testing.assert_array_equal(
+        np.asarray(jax.vmap(dfa.is_accepting)(states)), [s >= 0 and ref.accepting[s] for s in states]
+    )
 
 
 def test_check_vocab(regexes):
@@ -199,6 +214,7 @@ def test_check_vocab(regexes):
 
 
 # --- vocabulary rules --------------------------------------------------------------------------
+
 
 def test_lipogram_exhaustive(tok):
     dfa = constraints.lipogram("e", tok)
@@ -236,8 +252,10 @@ def test_max_word_length_exhaustive(tok):
     full = np.asarray(dfa.transitions)[:, np.asarray(dfa.token_class)]
     never = np.array([not data for data in tok.vocab_bytes])
     never[tok.eos_token_id] = True
-    expected = np.stack([np.full(k + 1, -1) if skip else _word_transitions(data, k)
-                         for data, skip in zip(tok.vocab_bytes, never)], axis=1)
+    expected = np.stack(
+        [np.full(k + 1, -1) if skip else _word_transitions(data, k) for data, skip in zip(tok.vocab_bytes, never)],
+        axis=1,
+    )
     # The builder numbers states its own way; name them as run lengths by reading letters.
     state_of = np.array([run(dfa, tok.encode("a" * n, add_special_tokens=False)) for n in range(k + 1)])
     assert sorted(state_of) == list(range(k + 1))
@@ -266,6 +284,7 @@ def test_token_length_and_vocabulary_predicate(tok):
 
 # --- intersection ------------------------------------------------------------------------------
 
+
 def test_intersect_random_walks(tok):
     pattern = r"[a-z]{1,8}( [a-z]{1,8}){0,3}"
     a, b = constraints.regex(pattern, tok), constraints.lipogram("e", tok)
@@ -277,8 +296,11 @@ def test_intersect_random_walks(tok):
         state, state_a, state_b = both.initial, a.initial, b.initial
         for token in [*ids, tok.eos_token_id]:
             np.testing.assert_array_equal(ref.mask(state), ref_a.mask(state_a) & ref_b.mask(state_b))
-            state, state_a, state_b = (ref.advance(state, token), ref_a.advance(state_a, token),
-                                       ref_b.advance(state_b, token))
+            state, state_a, state_b = (
+                ref.advance(state, token),
+                ref_a.advance(state_a, token),
+                ref_b.advance(state_b, token),
+            )
         assert state >= 0
 
     ids = tok.encode("big cat", add_special_tokens=False)

@@ -42,7 +42,9 @@ from ppl.models.loaders import gguf_hf_tensors, hf_config, hf_config_dict, read_
 from ppl.models.tensor_checks import checked_tensors, hf_shapes
 
 Q = gguf.GGMLQuantizationType
-CONFIG = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+CONFIG = LlamaConfig(
+    vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+)
 CASE_SECONDS, TOTAL_SECONDS = 2, 60
 N_GGUF, N_SAFETENSORS = 1100, 1000
 
@@ -53,27 +55,47 @@ def hf_tensors(seed: int) -> dict[str, np.ndarray]:
 
 
 def gguf_name(hf_name: str) -> str:
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in names:
         return names[hf_name]
     layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
-    part = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-            "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-            "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-            "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-            "mlp.down_proj.weight": "ffn_down.weight"}[rest]
+    part = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }[rest]
     return f"blk.{layer}.{part}"
 
 
-def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], drop: str | None = None,
-                    kinds: dict[str, Q] | None = None, metadata: dict | None = None) -> None:
+def write_tiny_gguf(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    drop: str | None = None,
+    kinds: dict[str, Q] | None = None,
+    metadata: dict | None = None,
+) -> None:
     """A llama-arch GGUF of CONFIG; matrices alternate F16 / Q8_0 / Q4_0 / F32 to cover the decoders."""
     c = CONFIG
     writer = gguf.GGUFWriter(path, "llama")
-    meta = {"llama.block_count": c.num_layers, "llama.embedding_length": c.hidden_size,
-            "llama.feed_forward_length": c.intermediate_size, "llama.attention.head_count": c.num_heads,
-            "llama.attention.head_count_kv": c.num_kv_heads, "llama.vocab_size": c.vocab_size,
-            **(metadata or {})}
+    meta = {
+        "llama.block_count": c.num_layers,
+        "llama.embedding_length": c.hidden_size,
+        "llama.feed_forward_length": c.intermediate_size,
+        "llama.attention.head_count": c.num_heads,
+        "llama.attention.head_count_kv": c.num_kv_heads,
+        "llama.vocab_size": c.vocab_size,
+        **(metadata or {}),
+    }
     for key, value in meta.items():
         writer.add_uint32(key, value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
@@ -86,9 +108,17 @@ def write_tiny_gguf(path: Path, tensors: dict[str, np.ndarray], drop: str | None
         kind = (kinds or {}).get(name, cycle[i % 4] if array.ndim == 2 else Q.F32)
         if kind == Q.Q2_K:  # gguf cannot encode it: random blocks of the right size
             block, size = gguf.GGML_QUANT_SIZES[kind]
-            data = np.random.default_rng(0).integers(0, 256, (array.shape[0], -(-array.shape[1] // block) * size), np.uint8)
+            data = np.random.default_rng(0).integers(
+                0, 256, (array.shape[0], -(-array.shape[1] // block) * size), np.uint8
+            )
         else:
-            data = array.astype(np.float16) if kind == Q.F16 else array if kind == Q.F32 else gguf.quants.quantize(array, kind)
+            data = (
+                array.astype(np.float16)
+                if kind == Q.F16
+                else array
+                if kind == Q.F32
+                else gguf.quants.quantize(array, kind)
+            )
         writer.add_tensor(gguf_name(name), data, raw_dtype=None if kind in (Q.F32, Q.F16) else kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -223,9 +253,17 @@ def test_gguf_fuzz(workdir):
         if kind == 0:
             data, mutation, data_only = base[: int(rng.integers(0, len(base)))], "truncated", False
         elif kind == 1:
-            data, mutation, data_only = flip_bit(base, int(rng.integers(0, header_end)), int(rng.integers(8))), "header bit flip", False
+            data, mutation, data_only = (
+                flip_bit(base, int(rng.integers(0, header_end)), int(rng.integers(8))),
+                "header bit flip",
+                False,
+            )
         elif kind == 2:
-            data, mutation, data_only = flip_bit(base, int(rng.integers(header_end, len(base))), int(rng.integers(8))), "data bit flip", True
+            data, mutation, data_only = (
+                flip_bit(base, int(rng.integers(header_end, len(base))), int(rng.integers(8))),
+                "data bit flip",
+                True,
+            )
         else:
             where = int(rng.integers(0, header_end - 8))
             garbage = bytes(rng.choice([0x00, 0xFF, 0x7F, 0x80], 8)) if rng.random() < 0.5 else rng.bytes(8)
@@ -249,10 +287,13 @@ def test_safetensors_fuzz(workdir):
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(hf_config_dict(CONFIG)))
     base_file = directory / "model.safetensors"
-    safetensors.numpy.save_file({k: (v.astype(np.float16) if i % 3 == 1 else v) for i, (k, v) in enumerate(tensors.items())},
-                                base_file)
+    safetensors.numpy.save_file(
+        {k: (v.astype(np.float16) if i % 3 == 1 else v) for i, (k, v) in enumerate(tensors.items())}, base_file
+    )
     base = base_file.read_bytes()
-    original = {k: (v if k == "config" else v.copy()) for k, v in load_safetensors_tensors(directory).items()}  # the file is rewritten below
+    original = {
+        k: (v if k == "config" else v.copy()) for k, v in load_safetensors_tensors(directory).items()
+    }  # the file is rewritten below
     header_size = struct.unpack("<Q", base[:8])[0]
     header = json.loads(base[8 : 8 + header_size])
     names = [k for k in header if k != "__metadata__"]
@@ -277,10 +318,14 @@ def test_safetensors_fuzz(workdir):
             dtype = str(rng.choice(["F16", "F32", "BF16", "I8", "F64", "?"]))
             # F16 <-> BF16 keeps every size right: a reinterpretation of data, undetectable
             relabel = {header[name]["dtype"], dtype} == {"F16", "BF16"}
-            return "dtype relabelled (same width)" if relabel else "dtype changed", with_header(lambda h: h[name].update(dtype=dtype))
+            return "dtype relabelled (same width)" if relabel else "dtype changed", with_header(
+                lambda h: h[name].update(dtype=dtype)
+            )
         if choice == 3:
             delta = int(rng.choice([-8, -2, 2, 8, 10**6, -(10**6)]))
-            return "offsets changed", with_header(lambda h: h[name]["data_offsets"].__setitem__(int(rng.integers(2)), h[name]["data_offsets"][0] + delta))
+            return "offsets changed", with_header(
+                lambda h: h[name]["data_offsets"].__setitem__(int(rng.integers(2)), h[name]["data_offsets"][0] + delta)
+            )
         if choice == 4:
             value = [None, "x", [1], {"a": 1}, -1, 1.5, True][int(rng.integers(7))]
             field = str(rng.choice(["dtype", "shape", "data_offsets"]))
@@ -294,9 +339,16 @@ def test_safetensors_fuzz(workdir):
         if kind == 0:
             mutation, data = "truncated", base[: int(rng.integers(0, len(base)))]
         elif kind == 1:
-            mutation, data = "header bit flip", flip_bit(base, int(rng.integers(0, 8 + header_size)), int(rng.integers(8)))
+            mutation, data = (
+                "header bit flip",
+                flip_bit(base, int(rng.integers(0, 8 + header_size)), int(rng.integers(8))),
+            )
         elif kind == 2:
-            mutation, data, data_only = "data bit flip", flip_bit(base, int(rng.integers(8 + header_size, len(base))), int(rng.integers(8))), True
+            mutation, data, data_only = (
+                "data bit flip",
+                flip_bit(base, int(rng.integers(8 + header_size, len(base))), int(rng.integers(8))),
+                True,
+            )
         elif kind == 3:
             where = int(rng.integers(0, 8 + header_size - 4))
             mutation, data = "header bytes overwritten", base[:where] + rng.bytes(4) + base[where + 4 :]
@@ -321,7 +373,10 @@ def test_full_loaders_refuse_corrupt_files(workdir):
     with pytest.raises(CheckpointError, match="full.gguf"):
         load_gguf(path)
     write_tiny_gguf(path, tensors, metadata={"llama.feed_forward_length": 32})
-    with pytest.raises(CheckpointError, match=r"full.gguf: tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\), the config implies \(32, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"full.gguf: tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(64, 32\), the config implies \(32, 32\)",
+    ):
         load_gguf(path)
     directory = workdir / "full_hf"
     directory.mkdir()

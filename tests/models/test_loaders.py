@@ -107,8 +107,16 @@ def test_corrupt_gguf_is_a_clear_error(every_type_file, tmp_path):
 def test_smollm2_config_from_metadata(smollm2_file):
     config = gguf_config(read_gguf(smollm2_file))
     assert config == LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-        head_dim=64, rms_norm_eps=float(np.float32(1e-5)), rope_theta=100000.0, tie_embeddings=True,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=float(np.float32(1e-5)),
+        rope_theta=100000.0,
+        tie_embeddings=True,
     )
 
 
@@ -118,9 +126,12 @@ def test_qwen2_gguf_matches_hf(make_tiny_hf, tmp_path):
     c = hf.config
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     layer_names = {
-        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight", "self_attn.o_proj.weight": "attn_output.weight",
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
         **{f"self_attn.{k}_proj.{p}": f"attn_{k}.{p}" for k in "qkv" for p in ("weight", "bias")},
     }
     for i in range(c.num_hidden_layers):
@@ -128,9 +139,12 @@ def test_qwen2_gguf_matches_hf(make_tiny_hf, tmp_path):
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     tensors = {g: (state[h], Q.F32) for h, g in names.items()}
     metadata = {
-        "qwen2.block_count": c.num_hidden_layers, "qwen2.embedding_length": c.hidden_size,
-        "qwen2.feed_forward_length": c.intermediate_size, "qwen2.attention.head_count": c.num_attention_heads,
-        "qwen2.attention.head_count_kv": c.num_key_value_heads, "qwen2.rope.freq_base": 1000000.0,
+        "qwen2.block_count": c.num_hidden_layers,
+        "qwen2.embedding_length": c.hidden_size,
+        "qwen2.feed_forward_length": c.intermediate_size,
+        "qwen2.attention.head_count": c.num_attention_heads,
+        "qwen2.attention.head_count_kv": c.num_key_value_heads,
+        "qwen2.rope.freq_base": 1000000.0,
         "qwen2.attention.layer_norm_rms_epsilon": c.rms_norm_eps,
     }
     path = tmp_path / "qwen2.gguf"
@@ -147,8 +161,22 @@ def test_qwen2_gguf_matches_hf(make_tiny_hf, tmp_path):
 
 def test_hf_config_round_trip():
     for config in (
-        LlamaConfig(100, 32, 64, 2, 4, 2, 8, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        LlamaConfig(
+            100,
+            32,
+            64,
+            2,
+            4,
+            2,
+            8,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
         LlamaConfig(100, 32, 64, 2, 4, 4, 8, tie_embeddings=True, attention_bias=True),
         LlamaConfig(100, 32, 64, 2, 4, 1, 8, sliding_window=16),
     ):
@@ -156,9 +184,18 @@ def test_hf_config_round_trip():
 
 
 def test_old_style_hf_config():
-    old = {"model_type": "mistral", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 32,
-           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 1e6,
-           "rope_scaling": None, "sliding_window": 4096}
+    old = {
+        "model_type": "mistral",
+        "vocab_size": 10,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 1e6,
+        "rope_scaling": None,
+        "sliding_window": 4096,
+    }
     config = hf_config(old)
     assert (config.rope_theta, config.head_dim, config.sliding_window) == (1e6, 4, 4096)
     with pytest.raises(CheckpointError, match="gpt2"):

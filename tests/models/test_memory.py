@@ -38,7 +38,10 @@ def test_available_memory_is_known_on_this_machine():
 
 def test_impossible_work_is_refused_fast(loaded):
     start = time.perf_counter()
-    with pytest.raises(InsufficientMemoryError, match=r"1000000 particles x 200 positions needs ~.* TiB.*available on cpu.*particles fit"):
+    with pytest.raises(
+        InsufficientMemoryError,
+        match=r"1000000 particles x 200 positions needs ~.* TiB.*available on cpu.*particles fit",
+    ):
         check_memory(loaded[0], 1_000_000, 200)
     seconds = time.perf_counter() - start
     print(f"\ncheck_memory refusal: {seconds * 1e3:.2f} ms")

@@ -15,14 +15,88 @@ import pytest
 
 from ppl.models.regex_dfa import Limits, compile_regex, utf8_sequences
 
-TEXTS = ["", "a", "ab", "abc", "aaa", "b", "{", "{2}", "a{", "-", "]", "x-", "é", "aé", "\n", " ", "\t", "0", "9",
-         "٣", "_", "A", "Z", "ü", "€", "𝔸", "a.b", "2024-01-15", "ab ab", "\x00", "\x7f", "日本", "é\n"]
+TEXTS = [
+    "",
+    "a",
+    "ab",
+    "abc",
+    "aaa",
+    "b",
+    "{",
+    "{2}",
+    "a{",
+    "-",
+    "]",
+    "x-",
+    "é",
+    "aé",
+    "\n",
+    " ",
+    "\t",
+    "0",
+    "9",
+    "٣",
+    "_",
+    "A",
+    "Z",
+    "ü",
+    "€",
+    "𝔸",
+    "a.b",
+    "2024-01-15",
+    "ab ab",
+    "\x00",
+    "\x7f",
+    "日本",
+    "é\n",
+]
 
 SUPPORTED = [
-    "a", "abc", "a|b|", "(?:ab)+", "(?P<word>a+)b?", "a*?", "a{2}", "a{1,2}", "a{,2}", "a{2,}", "a{1,2}?",
-    "[abc]", "[^abc]", "[a-c]", "[]a]", "[a-]", "[-a]", "[^]a]", r"[\d-]", r"[\w.]", r"[^\s\S]", "[é-ü]",
-    ".", ".*", r"\d", r"\D", r"\w+", r"\W", r"\s", r"\S", r"\.", r"\{", r"\x41|\u00e9|\U0001D538", r"\N{EURO SIGN}",
-    r"\t|\n", r"\0", "{", "a{", "{2", "x{,}", r"\d{4}-\d{2}-\d{2}", r"(\w+ ?)*", "()", "a|()", "(a|b)*c?",
+    "a",
+    "abc",
+    "a|b|",
+    "(?:ab)+",
+    "(?P<word>a+)b?",
+    "a*?",
+    "a{2}",
+    "a{1,2}",
+    "a{,2}",
+    "a{2,}",
+    "a{1,2}?",
+    "[abc]",
+    "[^abc]",
+    "[a-c]",
+    "[]a]",
+    "[a-]",
+    "[-a]",
+    "[^]a]",
+    r"[\d-]",
+    r"[\w.]",
+    r"[^\s\S]",
+    "[é-ü]",
+    ".",
+    ".*",
+    r"\d",
+    r"\D",
+    r"\w+",
+    r"\W",
+    r"\s",
+    r"\S",
+    r"\.",
+    r"\{",
+    r"\x41|\u00e9|\U0001D538",
+    r"\N{EURO SIGN}",
+    r"\t|\n",
+    r"\0",
+    "{",
+    "a{",
+    "{2",
+    "x{,}",
+    r"\d{4}-\d{2}-\d{2}",
+    r"(\w+ ?)*",
+    "()",
+    "a|()",
+    "(a|b)*c?",
 ]
 
 
@@ -61,22 +135,38 @@ def test_utf8_sequences_cover_exactly_the_range():
             assert sum(inside) == 1, hex(point)
 
 
-@pytest.mark.parametrize("pattern, message", [
-    ("(?=a)b", "look-around"), (r"(a)\1", "backreferences"), ("^a", "anchor"), ("a$", "anchor"),
-    (r"\bword", "anchors"), ("(a", "missing )"), ("a)", "unbalanced"), ("*a", "nothing to repeat"),
-    ("a**", "multiple repeat"), ("[z-a]", "bad character range"), ("[a", "unterminated"), ("a{3,2}", "min repeat"),
-    ("(?i)a", "inline flags"), (r"\q", "escape"),
-])
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("(?=a)b", "look-around"),
+        (r"(a)\1", "backreferences"),
+        ("^a", "anchor"),
+        ("a$", "anchor"),
+        (r"\bword", "anchors"),
+        ("(a", "missing )"),
+        ("a)", "unbalanced"),
+        ("*a", "nothing to repeat"),
+        ("a**", "multiple repeat"),
+        ("[z-a]", "bad character range"),
+        ("[a", "unterminated"),
+        ("a{3,2}", "min repeat"),
+        ("(?i)a", "inline flags"),
+        (r"\q", "escape"),
+    ],
+)
 def test_unsupported_syntax_is_a_clear_error(pattern, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         compile_regex(pattern)
 
 
-@pytest.mark.parametrize("pattern, limit, construct", [
-    (r"(a|b)*a(a|b){30}", "20000 DFA states", "'(a|b){30}' at position 7"),  # the exponential classic
-    (r"([^\n]{50}){50}", "20000 DFA states", r"'([^\\n]{50}){50}' at position 0 (up to 50 times, around another"),
-    (r"x(\w{100}){1000}", "200000 NFA states", r"'(\\w{100}){1000}' at position 1"),
-])
+@pytest.mark.parametrize(
+    "pattern, limit, construct",
+    [
+        (r"(a|b)*a(a|b){30}", "20000 DFA states", "'(a|b){30}' at position 7"),  # the exponential classic
+        (r"([^\n]{50}){50}", "20000 DFA states", r"'([^\\n]{50}){50}' at position 0 (up to 50 times, around another"),
+        (r"x(\w{100}){1000}", "200000 NFA states", r"'(\\w{100}){1000}' at position 1"),
+    ],
+)
 def test_runaway_patterns_are_refused_naming_the_construct(pattern, limit, construct):
     start = time.monotonic()
     with pytest.raises(ValueError, match=re.escape(limit) + ".*" + re.escape(construct)):
@@ -120,8 +210,9 @@ def test_sixty_seven_character_sentences_compile_within_10s_and_2gb():
     import sys
 
     patterns = [r"[A-Z][^\n]{65}[.!?]", r"[A-Z][ -~]{65}[.!?]"]
-    done = subprocess.run([sys.executable, "-c", _SENTENCE_SCRIPT, *patterns], capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _SENTENCE_SCRIPT, *patterns], capture_output=True, text=True, timeout=300, check=True
+    )
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert all(seconds < 10 for seconds in measured["seconds"].values()), measured
     assert measured["peak_gib"] < 2, measured

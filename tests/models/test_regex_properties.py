@@ -29,8 +29,22 @@ from ppl.models import constraints
 from ppl.models.regex_dfa import compile_regex
 
 ALPHABET = "abcé"
-VOCAB = [b"", b"a", b"b", b"c", "é".encode(), b"\xc3", b"\xa9", b"ab", b"ba", b"abc", b"cc", "aé".encode(),
-         "éa".encode(), b"bb"]
+VOCAB = [
+    b"",
+    b"a",
+    b"b",
+    b"c",
+    "é".encode(),
+    b"\xc3",
+    b"\xa9",
+    b"ab",
+    b"ba",
+    b"abc",
+    b"cc",
+    "aé".encode(),
+    "éa".encode(),
+    b"bb",
+]
 EOS = 0
 TOKENIZER = SimpleNamespace(vocab_bytes=VOCAB, eos_token_id=EOS, vocab_size=len(VOCAB))
 EXAMPLES = 100
@@ -42,9 +56,11 @@ _QUANTIFIERS = ["*", "+", "?", "{2}", "{0,2}", "{1,}", "{,3}", "*?", "{1,2}?"]
 
 def _extend(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     pairs = st.tuples(inner, inner)
-    return st.one_of(pairs.map("".join),
-                     pairs.map(lambda p: f"(?:{p[0]}|{p[1]})"),
-                     st.tuples(inner, st.sampled_from(_QUANTIFIERS)).map(lambda p: f"({p[0]}){p[1]}"))
+    return st.one_of(
+        pairs.map("".join),
+        pairs.map(lambda p: f"(?:{p[0]}|{p[1]})"),
+        st.tuples(inner, st.sampled_from(_QUANTIFIERS)).map(lambda p: f"({p[0]}){p[1]}"),
+    )
 
 
 PATTERNS = st.recursive(st.sampled_from(_LEAVES), _extend, max_leaves=8)
@@ -57,7 +73,7 @@ def _tokenize(text: str, rng: random.Random) -> list[int]:
     while data:
         fits = [i for i, token in enumerate(VOCAB) if token and data.startswith(token)]
         ids.append(rng.choice(fits))
-        data = data[len(VOCAB[ids[-1]]):]
+        data = data[len(VOCAB[ids[-1]]) :]
     return ids
 
 

@@ -117,8 +117,11 @@ def test_lm_judge_padded_batch_equals_single_forwards(smollm2: Llama, tok):
     got = np.asarray(eqx.filter_jit(judge)(tokens, lengths, jnp.zeros(3, bool)))
     prefix, suffix = template.split("{text}")
     for value, text in zip(got, texts):
-        ids = [*tok.encode(prefix, add_special_tokens=False), *tok.encode(text),
-               *tok.encode(suffix, add_special_tokens=False)]
+        ids = [
+            *tok.encode(prefix, add_special_tokens=False),
+            *tok.encode(text),
+            *tok.encode(suffix, add_special_tokens=False),
+        ]
         logits = smollm2(jnp.asarray(ids, jnp.int32))[-1]
         yes, no = logits[tok.encode(" Yes")[0]], logits[tok.encode(" No")[0]]
         np.testing.assert_allclose(value, jax.nn.log_sigmoid(yes - no), atol=1e-4)

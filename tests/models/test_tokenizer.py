@@ -46,36 +46,217 @@ def _smollm_gguf_folder() -> Path:
 # --- the corpus -------------------------------------------------------------------------------
 
 FRAGMENTS = {
-    "words": ["hello", "Hello", "HELLO", "world", "don't", "I'm", "they'll", "we've", "it's", "He'd", "you're",
-              "DON'T", "naïve", "café", "résumé", "Straße", "Ærøskøbing", "Ελληνικά", "Здравствуйте", "мир",
-              "你好", "世界", "東京都", "こんにちは", "カタカナ", "한국어", "안녕하세요", "مرحبا", "السلام عليكم",
-              "שלום", "עברית", "नमस्ते", "हिन्दी", "ภาษาไทย", "Tiếng Việt", "Ğüşıöç", "ﬁ", "ℌ𝔢𝔩𝔩𝔬", "𝓗𝓮𝓵𝓵𝓸"],
-    "combining": ["e\u0301", "a\u0308\u0304", "n\u0303", "Z\u0335\u0322\u0327a\u0336\u031b", "\u0915\u094d\u0937",
-                  "\u0e01\u0e35\u0e48", "\u05e9\u05c1\u05b8", "\u0301", "o\u0338"],
-    "whitespace": [" ", "  ", "   ", "    ", "\t", "\t\t", "\n", "\n\n", "\r\n", " \n ", "\u00a0", "\u3000",
-                   "\u2003", "\u200b", "\f", "\v", " \t \n", "        "],
-    "code": ["def f(x):\n    return x**2", "for (int i = 0; i < n; ++i) {", "}", "x += 1;", "if a != b and c >= d:",
-             'print(f"{x!r}")', "import numpy as np", "#include <stdio.h>", "SELECT * FROM t WHERE id = 42;",
-             '<div class="a">', "</div>", "->", "=>", "::", "&&", "||", "/* comment */", "// TODO", "`ticks`",
-             "$HOME/.bashrc", "a_b_c", "camelCaseName", "snake_case_name", '{"key": [1, 2.5, null]}', "\\n\\t",
-             "0x1F", "λx.x", "\tindented\n\t\tmore"],
-    "emoji": ["😀", "🤗", "👍", "👍🏽", "❤️", "👨‍👩‍👧‍👦", "🧑🏿‍💻", "🏳️‍🌈", "🇫🇷", "🇯🇵", "1️⃣", "#️⃣", "✨",
-              "🙂‍↕️", "👩‍❤️‍💋‍👨", "🫠"],
-    "numbers": ["0", "7", "42", "123456789012345678901234567890", "3.14159", "-0.5", "1,000,000", "2024-01-31",
-                "12:34:56", "99%", "$19.99", "1/2", "½", "²", "Ⅻ", "٣٤٥", "१२३", "０１２", "1st", "v2.0.1", "10^9",
-                "0.000001", "+1 (555) 010-9999", "1e-9"],
-    "punctuation": [".", ",", "!", "?", "...", "—", "–", "“quoted”", "«guillemets»", "「括弧」", "(", ")", "[", "]",
-                    "'", '"', "''", "'s", "'t", "'ll", "@", "#", "~", "¿", "¡", "…", "·", "•"],
+    "words": [
+        "hello",
+        "Hello",
+        "HELLO",
+        "world",
+        "don't",
+        "I'm",
+        "they'll",
+        "we've",
+        "it's",
+        "He'd",
+        "you're",
+        "DON'T",
+        "naïve",
+        "café",
+        "résumé",
+        "Straße",
+        "Ærøskøbing",
+        "Ελληνικά",
+        "Здравствуйте",
+        "мир",
+        "你好",
+        "世界",
+        "東京都",
+        "こんにちは",
+        "カタカナ",
+        "한국어",
+        "안녕하세요",
+        "مرحبا",
+        "السلام عليكم",
+        "שלום",
+        "עברית",
+        "नमस्ते",
+        "हिन्दी",
+        "ภาษาไทย",
+        "Tiếng Việt",
+        "Ğüşıöç",
+        "ﬁ",
+        "ℌ𝔢𝔩𝔩𝔬",
+        "𝓗𝓮𝓵𝓵𝓸",
+    ],
+    "combining": [
+        "e\u0301",
+        "a\u0308\u0304",
+        "n\u0303",
+        "Z\u0335\u0322\u0327a\u0336\u031b",
+        "\u0915\u094d\u0937",
+        "\u0e01\u0e35\u0e48",
+        "\u05e9\u05c1\u05b8",
+        "\u0301",
+        "o\u0338",
+    ],
+    "whitespace": [
+        " ",
+        "  ",
+        "   ",
+        "    ",
+        "\t",
+        "\t\t",
+        "\n",
+        "\n\n",
+        "\r\n",
+        " \n ",
+        "\u00a0",
+        "\u3000",
+        "\u2003",
+        "\u200b",
+        "\f",
+        "\v",
+        " \t \n",
+        "        ",
+    ],
+    "code": [
+        "def f(x):\n    return x**2",
+        "for (int i = 0; i < n; ++i) {",
+        "}",
+        "x += 1;",
+        "if a != b and c >= d:",
+        'print(f"{x!r}")',
+        "import numpy as np",
+        "#include <stdio.h>",
+        "SELECT * FROM t WHERE id = 42;",
+        '<div class="a">',
+        "</div>",
+        "->",
+        "=>",
+        "::",
+        "&&",
+        "||",
+        "/* comment */",
+        "// TODO",
+        "`ticks`",
+        "$HOME/.bashrc",
+        "a_b_c",
+        "camelCaseName",
+        "snake_case_name",
+        '{"key": [1, 2.5, null]}',
+        "\\n\\t",
+        "0x1F",
+        "λx.x",
+        "\tindented\n\t\tmore",
+    ],
+    "emoji": [
+        "😀",
+        "🤗",
+        "👍",
+        "👍🏽",
+        "❤️",
+        "👨‍👩‍👧‍👦",
+        "🧑🏿‍💻",
+        "🏳️‍🌈",
+        "🇫🇷",
+        "🇯🇵",
+        "1️⃣",
+        "#️⃣",
+        "✨",
+        "🙂‍↕️",
+        "👩‍❤️‍💋‍👨",
+        "🫠",
+    ],
+    "numbers": [
+        "0",
+        "7",
+        "42",
+        "123456789012345678901234567890",
+        "3.14159",
+        "-0.5",
+        "1,000,000",
+        "2024-01-31",
+        "12:34:56",
+        "99%",
+        "$19.99",
+        "1/2",
+        "½",
+        "²",
+        "Ⅻ",
+        "٣٤٥",
+        "१२३",
+        "０１２",
+        "1st",
+        "v2.0.1",
+        "10^9",
+        "0.000001",
+        "+1 (555) 010-9999",
+        "1e-9",
+    ],
+    "punctuation": [
+        ".",
+        ",",
+        "!",
+        "?",
+        "...",
+        "—",
+        "–",
+        "“quoted”",
+        "«guillemets»",
+        "「括弧」",
+        "(",
+        ")",
+        "[",
+        "]",
+        "'",
+        '"',
+        "''",
+        "'s",
+        "'t",
+        "'ll",
+        "@",
+        "#",
+        "~",
+        "¿",
+        "¡",
+        "…",
+        "·",
+        "•",
+    ],
     "special": SPECIAL_TEXTS,
 }
 
-CODEPOINT_RANGES = [(0x20, 0x7E), (0x01, 0x1F), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF),
-                    (0x590, 0x5FF), (0x600, 0x6FF), (0x900, 0x97F), (0xE00, 0xE7F), (0x3040, 0x30FF),
-                    (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xE0FF), (0x1D400, 0x1D7FF),
-                    (0x1F300, 0x1FAFF), (0x20000, 0x2A6DF), (0x200B, 0x200F), (0xFE00, 0xFE0F), (0x2150, 0x218F)]
+CODEPOINT_RANGES = [
+    (0x20, 0x7E),
+    (0x01, 0x1F),
+    (0xA0, 0x24F),
+    (0x300, 0x36F),
+    (0x370, 0x3FF),
+    (0x400, 0x4FF),
+    (0x590, 0x5FF),
+    (0x600, 0x6FF),
+    (0x900, 0x97F),
+    (0xE00, 0xE7F),
+    (0x3040, 0x30FF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0xE000, 0xE0FF),
+    (0x1D400, 0x1D7FF),
+    (0x1F300, 0x1FAFF),
+    (0x20000, 0x2A6DF),
+    (0x200B, 0x200F),
+    (0xFE00, 0xFE0F),
+    (0x2150, 0x218F),
+]
 
 HAND_WRITTEN = [
-    "", " ", "\n", "a", "Hello, world!", "  1", "hello 12345 world", "x = 3.14159",
+    "",
+    " ",
+    "\n",
+    "a",
+    "Hello, world!",
+    "  1",
+    "hello 12345 world",
+    "x = 3.14159",
     "The quick brown fox jumps over the lazy dog.",
     "I'm sure you'll see they'd've done it; it's John's.",
     "Ceci n'est pas une pipe. À bientôt, garçon ! Ça va ?",
@@ -90,15 +271,18 @@ HAND_WRITTEN = [
     "e\u0301 vs \u00e9 (decomposed vs composed)",
     "Family: 👨‍👩‍👧‍👦, flags: 🇺🇸🇬🇧🇩🇪, skin tones: 👋🏻👋🏼👋🏽👋🏾👋🏿, keycaps: 1️⃣2️⃣3️⃣",
     "def fib(n: int) -> int:\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
-    "#include <stdio.h>\nint main(void) {\n\tprintf(\"%d\\n\", 42);\n\treturn 0;\n}\n",
+    '#include <stdio.h>\nint main(void) {\n\tprintf("%d\\n", 42);\n\treturn 0;\n}\n',
     "    indented with spaces\n\tand a tab\n\n\n\nmany newlines\r\nwindows line",
-    "trailing spaces    ", "   leading spaces", "\t\t\ttabs\t\t\t", "a  b   c    d     e",
+    "trailing spaces    ",
+    "   leading spaces",
+    "\t\t\ttabs\t\t\t",
+    "a  b   c    d     e",
     "31415926535897932384626433832795028841971693993751",
     "Prices: $1,234.56, €7.89, £0.01, ¥1000; ratio 3:2; 50% off; -273.15°C; 6.022e23",
     "Version 1.2.3-rc.4+build.567, IP 192.168.0.1, date 2024-12-31T23:59:59Z",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
     "<|endoftext|><|endoftext|>text<|im_end|>",
-    "JSON: {\"name\": \"Ada\", \"age\": 36, \"langs\": [\"en\", \"fr\"], \"ok\": true}",
+    'JSON: {"name": "Ada", "age": 36, "langs": ["en", "fr"], "ok": true}',
     "Math: ∀x∈ℝ, ∃y: x² + y² ≤ 1; ∑ᵢ aᵢ = ∫₀¹ f(x) dx; √2 ≈ 1.414",
     "URL https://example.com/path?q=a+b&x=1#frag and email ada@example.org",
     "Mixed ｆｕｌｌｗｉｄｔｈ ＡＢＣ ０１２ and half-width ｶﾀｶﾅ",
@@ -106,7 +290,11 @@ HAND_WRITTEN = [
     "Tab\tseparated\tvalues\n1\t2\t3\n",
     "Ⅰ Ⅱ Ⅲ Ⅳ ½ ¾ ² ³ ① ② ③ ٠١٢٣ ०१२३ ๐๑๒",
     "'s 't 're 've 'm 'll 'd 'S 'T 'RE",
-    "emoji at end 🤗", "🤗 emoji at start", "🤗🤗🤗", "a🤗b", "你🤗好",
+    "emoji at end 🤗",
+    "🤗 emoji at start",
+    "🤗🤗🤗",
+    "a🤗b",
+    "你🤗好",
     "\x00\x01\x02 control \x7f characters \x1b[31mred\x1b[0m",
 ]
 
@@ -132,6 +320,7 @@ DIGIT_FREE = [s for s in STRINGS if not regex.search(r"\p{N}", s)]
 
 
 # --- fixtures ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
@@ -159,6 +348,7 @@ def reference(hf_conversion):
 
 # --- ids --------------------------------------------------------------------------------------
 
+
 def test_corpus_is_large_and_varied():
     assert len(STRINGS) >= 2000 and len(set(STRINGS)) >= 1900
     assert len(PLAIN_TEXT) >= 1500 and len(DIGIT_FREE) >= 1000
@@ -174,8 +364,10 @@ def test_ids_match_reference(tok, reference):
 def test_unmodified_transformers_conversion_differs_only_where_digits_are(tok, hf_conversion):
     theirs = hf_conversion(STRINGS, add_special_tokens=True)["input_ids"]
     differing = [s for s, ref in zip(STRINGS, theirs) if tok.encode(s) != ref]
-    print(f"\nids vs unmodified transformers conversion: {len(STRINGS)} strings, {len(differing)} differ, "
-          f"all containing number characters")
+    print(
+        f"\nids vs unmodified transformers conversion: {len(STRINGS)} strings, {len(differing)} differ, "
+        f"all containing number characters"
+    )
     assert all(regex.search(r"\p{N}", s) for s in differing)
     assert tok.encode("  1") == [tok.backend.token_to_id("ĠĠ"), tok.backend.token_to_id("1")]
 
@@ -207,6 +399,7 @@ def test_special_tokens(tok):
 
 
 # --- text -------------------------------------------------------------------------------------
+
 
 def _encodable(tok: Tokenizer, texts: list[str]) -> list[str]:
     """The texts whose every byte has a token: SmolLM2's vocabulary lacks six ASCII control bytes
@@ -249,6 +442,7 @@ def test_decode_rejects_ids_out_of_range(tok):
 
 
 # --- incremental decoding ---------------------------------------------------------------------
+
 
 def test_stream_concatenates_to_decode_and_never_splits_a_character(tok):
     split_inside_a_character = 0
@@ -297,8 +491,12 @@ def test_stream_can_skip_special_tokens(tok):
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
-    [{"role": "system", "content": "Tu es utile."}, {"role": "user", "content": "Ça va ? 🤗"},
-     {"role": "assistant", "content": "Oui, merci !"}, {"role": "user", "content": "你好\n\tcode: x = 1"}],
+    [
+        {"role": "system", "content": "Tu es utile."},
+        {"role": "user", "content": "Ça va ? 🤗"},
+        {"role": "assistant", "content": "Oui, merci !"},
+        {"role": "user", "content": "你好\n\tcode: x = 1"},
+    ],
     [{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "No."}],
 ]
 
@@ -307,15 +505,18 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 def test_chat_template_matches_transformers(tok, reference, conversation, add_generation_prompt):
     text = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
-    assert text == reference.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=False)
+    assert text == reference.apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
     assert tok.encode_chat(conversation, add_generation_prompt) == reference.encode(text, add_special_tokens=False)
 
 
 def test_chat_template_environment():
-    template = ("{% for m in messages %}{% if m.role == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
-                "{% generation %}{{ m | tojson }}{% endgeneration %}{% if loop.index == 2 %}{% break %}{% endif %}"
-                "{% endfor %}")
+    template = (
+        "{% for m in messages %}{% if m.role == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
+        "{% generation %}{{ m | tojson }}{% endgeneration %}{% if loop.index == 2 %}{% break %}{% endif %}"
+        "{% endfor %}"
+    )
     messages = [{"role": "user", "content": "é<>"}, {"role": "a", "content": "x"}, {"role": "bad", "content": ""}]
     assert render_chat_template(template, messages) == (
         '{"role": "user", "content": "é<>"}{"role": "a", "content": "x"}'
@@ -327,6 +528,7 @@ def test_chat_template_environment():
 
 
 # --- construction and errors -----------------------------------------------------------------
+
 
 def _write_gguf(path: Path, **tokenizer: object) -> Path:
     """A weightless GGUF carrying only the given ``tokenizer.*`` metadata."""
@@ -345,9 +547,16 @@ def _write_gguf(path: Path, **tokenizer: object) -> Path:
 def _toy_metadata(tok: Tokenizer, pre: str) -> dict[str, object]:
     """A few single-byte tokens, two merges, and control and user-defined tokens."""
     tokens = ["<s>", "</s>", "<think>", *_ascii_tokens(tok), "ab", "abc"]
-    return dict(tokenizer_model="gpt2", tokenizer_pre=pre, token_list=tokens,
-                token_types=[3, 3, 4] + [1] * (len(tokens) - 3), token_merges=["a b", "ab c"],
-                bos_token_id=0, eos_token_id=1, add_bos_token=True)
+    return dict(
+        tokenizer_model="gpt2",
+        tokenizer_pre=pre,
+        token_list=tokens,
+        token_types=[3, 3, 4] + [1] * (len(tokens) - 3),
+        token_merges=["a b", "ab c"],
+        bos_token_id=0,
+        eos_token_id=1,
+        add_bos_token=True,
+    )
 
 
 def _ascii_tokens(tok: Tokenizer) -> list[str]:
@@ -383,13 +592,20 @@ def test_other_flavours_match_transformers_conversion(tmp_path, pre):
     transformers' conversion of that file. That conversion lacks the NFC normalizer of Qwen2's
     tokenizer.json, so for ``qwen2`` it is handed NFC text."""
     import gguf
+
     transformers = pytest.importorskip("transformers")
 
     fields = gguf.GGUFReader(_smollm_gguf_folder() / GGUF_NAME).fields
-    path = _write_gguf(tmp_path / "relabelled.gguf", tokenizer_model="gpt2", tokenizer_pre=pre,
-                       token_list=fields["tokenizer.ggml.tokens"].contents(),
-                       token_types=fields["tokenizer.ggml.token_type"].contents(),
-                       token_merges=fields["tokenizer.ggml.merges"].contents(), bos_token_id=1, eos_token_id=2)
+    path = _write_gguf(
+        tmp_path / "relabelled.gguf",
+        tokenizer_model="gpt2",
+        tokenizer_pre=pre,
+        token_list=fields["tokenizer.ggml.tokens"].contents(),
+        token_types=fields["tokenizer.ggml.token_type"].contents(),
+        token_merges=fields["tokenizer.ggml.merges"].contents(),
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     ours = Tokenizer.from_gguf(path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     normalize = (lambda text: unicodedata.normalize("NFC", text)) if pre == "qwen2" else (lambda text: text)
@@ -410,8 +626,11 @@ def test_from_file_of_transformers_export(tok, hf_conversion, tmp_path):
 
 def test_from_file_of_own_backend(tok, tmp_path):
     tok.backend.save(str(tmp_path / "tokenizer.json"))
-    config = {"eos_token": {"content": "<|im_end|>"}, "bos_token": "<|im_start|>",
-              "chat_template": [{"name": "default", "template": tok.chat_template}]}
+    config = {
+        "eos_token": {"content": "<|im_end|>"},
+        "bos_token": "<|im_start|>",
+        "chat_template": [{"name": "default", "template": tok.chat_template}],
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     reloaded = Tokenizer.from_file(tmp_path / "tokenizer.json")
     assert all(reloaded.encode(s) == tok.encode(s) for s in STRINGS)

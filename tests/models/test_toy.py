@@ -13,6 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpyro import handlers
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+import ppl
 from ppl.models.toy import (
     PAD,
     CategoricalHMM,
@@ -23,10 +27,6 @@ from ppl.models.toy import (
     random_hmm,
     random_lgssm,
 )
-from scipy.special import logsumexp
-from scipy.stats import multivariate_normal
-
-import ppl
 
 LOG_TOL = dict(rtol=1e-5, atol=2e-5)  # float32 log-densities of magnitude ~1-100
 PROB_TOL = dict(atol=2e-6)  # float32 probabilities
