@@ -65,7 +65,7 @@ def offspring(scheme: str, weights: np.ndarray, seed: int, replicates: int = REP
     return np.asarray(counts)
 
 
-@settings(max_examples=40)
+@settings(max_examples=20)
 @given(st.sampled_from(SCHEMES), log_weights(), st.integers(0, 2**31 - 1))
 def test_ancestors_in_range_and_never_of_zero_weight(scheme, weights, seed):
     counts = offspring(scheme, weights, seed)
@@ -73,7 +73,7 @@ def test_ancestors_in_range_and_never_of_zero_weight(scheme, weights, seed):
     assert (counts.sum(axis=1) == weights.shape[0]).all()
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
 @given(st.sampled_from(SCHEMES), log_weights(), st.integers(0, 2**31 - 1))
 def test_offspring_count_means_are_n_w(scheme, weights, seed):
     """E[count_i] = N w_i (what keeps SMC's evidence unbiased). Over R = 1000 replicates the
@@ -96,7 +96,7 @@ def _bounds(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-@settings(max_examples=50)
+@settings(max_examples=25)
 @given(log_weights(), st.integers(0, 2**31 - 1))
 def test_systematic_offspring_between_floor_and_ceil(weights, seed):
     """One shared uniform: particle i gets floor(N w_i) or ceil(N w_i) copies, never more or less."""
@@ -105,7 +105,7 @@ def test_systematic_offspring_between_floor_and_ceil(weights, seed):
     assert ((counts >= low) & (counts <= high)).all()
 
 
-@settings(max_examples=50)
+@settings(max_examples=25)
 @given(log_weights(), st.integers(0, 2**31 - 1))
 def test_stratified_offspring_within_one_of_floor_and_ceil(weights, seed):
     """Independent uniforms per stratum: a particle's interval of width N w_i overlaps at most
@@ -120,7 +120,7 @@ def test_stratified_offspring_within_one_of_floor_and_ceil(weights, seed):
         assert (counts[:, survivors] == weights.shape[0]).all()
 
 
-@settings(max_examples=50)
+@settings(max_examples=25)
 @given(log_weights(), st.integers(0, 2**31 - 1))
 def test_residual_keeps_floor_n_w_copies(weights, seed):
     low, _ = _bounds(weights)
@@ -130,7 +130,7 @@ def test_residual_keeps_floor_n_w_copies(weights, seed):
     assert (counts - low <= weights.shape[0] - low.sum()).all()
 
 
-@settings(max_examples=60)
+@settings(max_examples=30)
 @given(log_weights(), st.floats(-1000.0, 1000.0, width=32))
 def test_ess_identities(weights, shift):
     """ESS = (sum w)^2 / sum w^2 lies in [1, N], is invariant to a common shift of the
@@ -167,7 +167,7 @@ def _resample(n: int):
     return _RESAMPLE["step"], _RESAMPLE[n]
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
 @given(log_weights(), st.floats(-100.0, 100.0, width=32), st.integers(0, 2**31 - 1))
 def test_resampling_banks_log_mean_exp(weights, prefix, seed):
     """Resampling moves ``logmeanexp(log_weights)`` into ``log_z_prefix`` and zeroes the weights,

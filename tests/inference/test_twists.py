@@ -24,7 +24,7 @@ from ppl.models.toy_lm import (
     tiny_llama,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 SEEDS = 1000
 
 

@@ -49,6 +49,7 @@ def test_progress_callback_that_raises_surfaces_promptly():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ctrl_c_during_steer_exits_130_with_one_line():
     """A real ``ppl steer`` subprocess (SmolLM2 load, compilation, a long generation) gets SIGINT
     once generation has started."""
