@@ -16,3 +16,14 @@ def pin(cores: int) -> None:
     if cores == 1:
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
+def pin_from_argv(argv: list[str], default: int) -> int:
+    """Pin to the ``--threads K`` found in ``argv`` (``default`` without one), before argparse
+    runs, since jax must not be imported first; returns ``K``."""
+    cores = default
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--threads":
+            cores = int(value)
+    pin(cores)
+    return cores

@@ -49,15 +49,7 @@ from typing import NamedTuple
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
-
-def _threads(argv: list[str]) -> int:
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-    return 1
-
-
-_cpus.pin(_threads(sys.argv[1:]))
+_cpus.pin_from_argv(sys.argv[1:], default=1)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402

@@ -36,15 +36,7 @@ import time
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
-
-def _threads(argv: list[str]) -> int:
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-    return 1
-
-
-_cpus.pin(_threads(sys.argv[1:]))
+_cpus.pin_from_argv(sys.argv[1:], default=1)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

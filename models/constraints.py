@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from ppl.lm import Tokenizer
+from ppl.lm import Tokenizer, check_vocab_size
 from ppl.models.regex_dfa import Limits, compile_regex, first_of_each, group_rows
 
 DEAD = -1
@@ -87,11 +87,7 @@ class TokenDFA(eqx.Module):
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ``ValueError`` unless this constraint was built for a vocabulary of ``vocab_size``."""
-        if vocab_size != self.vocab_size:
-            raise ValueError(
-                f"this constraint was built for a vocabulary of {self.vocab_size} tokens, "
-                f"but the model has {vocab_size}; rebuild it with the model's tokenizer"
-            )
+        check_vocab_size(self.vocab_size, vocab_size)
 
     def mask(self, state: Int[ArrayLike, ""]) -> Bool[Array, " V"]:
         """Which tokens may come next in ``state`` (all ``False`` when ``state`` is dead)."""

@@ -29,7 +29,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 
-from ppl.lm import Tokenizer
+from ppl.lm import Tokenizer, check_vocab_size
 
 DEAD = -1
 
@@ -116,11 +116,7 @@ class HostConstraint(eqx.Module):
 
     def check_vocab(self, vocab_size: int) -> None:
         """``ValueError`` if the model's vocabulary is not the one this constraint was built for."""
-        if vocab_size != self.vocab_size:
-            raise ValueError(
-                f"this constraint was built for a vocabulary of {self.vocab_size} tokens, "
-                f"but the model has {vocab_size}; rebuild it with the model's tokenizer"
-            )
+        check_vocab_size(self.vocab_size, vocab_size)
 
     def mask(self, state: Int[ArrayLike, ""]) -> Bool[Array, " V"]:
         """Allowed next tokens of each state, computed on the host by llguidance (batched callback)."""

@@ -159,3 +159,12 @@ class TokenConstraint(Protocol):
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ``ValueError`` if built for a vocabulary of another size."""
         ...
+
+
+def check_vocab_size(built_for: int, model_has: int) -> None:
+    """The ``ValueError`` a ``TokenConstraint.check_vocab`` raises when the sizes differ."""
+    if model_has != built_for:
+        raise ValueError(
+            f"this constraint was built for a vocabulary of {built_for} tokens, "
+            f"but the model has {model_has}; rebuild it with the model's tokenizer"
+        )

@@ -9,14 +9,9 @@ import pytest
 import ppl
 from ppl import cli
 from ppl.inference import smc
-from ppl.models import constraints, smollm2
+from ppl.models import constraints
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model():
-    return smollm2()
 
 
 def test_words_with_no_length_cap_do_not_end_all_dead_in_48_tokens(model):

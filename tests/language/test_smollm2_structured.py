@@ -12,13 +12,12 @@ import re
 
 import jax
 import jsonschema
-import numpy as np
 import pytest
 from outlines_core.json_schema import build_regex_from_schema
 
 import ppl
 from ppl.inference import smc
-from ppl.models import constraints, grammar, smollm2
+from ppl.models import constraints, grammar
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +32,7 @@ term: NUMBER | "(" expr ")"
 NUMBER: /[0-9]{1,3}/"""
 
 
-@pytest.fixture(scope="module")
-def model():
-    return smollm2()
-
-
-def _texts(tokenizer, result):
-    weights = np.asarray(result.weights)
-    rows = zip(np.asarray(result.particles.tokens), np.asarray(result.particles.length), weights)
-    return [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n, w in rows if w > 0]
-
-
-def test_json_schema_holds_in_every_weighted_particle(model):
+def test_json_schema_holds_in_every_weighted_particle(model, weighted_texts):
     lm, tokenizer = model
     prompt = tokenizer.encode_chat(
         [{"role": "user", "content": "Describe Ada Lovelace as JSON with her name and age."}]
@@ -53,20 +41,20 @@ def test_json_schema_holds_in_every_weighted_particle(model):
     program = ppl.Generation(
         lm, prompt, 32, tokenizer.eos_token_id, constraint=constraint, proposal="locally_optimal", require_eos=True
     )
-    texts = _texts(tokenizer, smc(program, jax.random.key(0), 8))
+    texts = weighted_texts(tokenizer, smc(program, jax.random.key(0), 8))
     assert texts
     for text in texts:
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
-def test_context_free_grammar_holds_in_every_weighted_particle(model):
+def test_context_free_grammar_holds_in_every_weighted_particle(model, weighted_texts):
     lm, tokenizer = model
     prompt = tokenizer.encode_chat([{"role": "user", "content": "Write an arithmetic expression with parentheses."}])
     constraint = grammar.grammar(ARITHMETIC, tokenizer)
     program = ppl.Generation(
         lm, prompt, 16, tokenizer.eos_token_id, constraint=constraint, proposal="locally_optimal", require_eos=True
     )
-    texts = _texts(tokenizer, smc(program, jax.random.key(0), 8))
+    texts = weighted_texts(tokenizer, smc(program, jax.random.key(0), 8))
     assert texts and constraint.store.calls > 0
     for text in texts:
         assert re.fullmatch(r"[0-9+\-*() ]+", text) and " " not in text, text
