@@ -181,7 +181,8 @@ class LinearGaussianSSM(eqx.Module):
         """Simulate ``(states, observations)`` of length ``n_steps`` (default ``T``)."""
         n_steps = self.n_steps if n_steps is None else n_steps
         d, o = self.state_dim, self.emission_cov.shape[0]
-        noise = jax.random.normal(key, (n_steps, d + o))  # all the randomness in one draw
+        # All the randomness in one float32 draw, so a key simulates the same data under x64.
+        noise = jax.random.normal(key, (n_steps, d + o), jnp.float32).astype(float)
         chol_q = jnp.linalg.cholesky(self.transition_cov)
 
         def advance(x, state_noise):
@@ -261,7 +262,8 @@ def random_lgssm(
     d, o = state_dim, obs_dim
     key_params, key_sim = jax.random.split(key)
     sizes = [d * d, d, d * d, d * d, o * d, o * o]
-    pieces = jnp.split(jax.random.normal(key_params, (sum(sizes),)), np.cumsum(sizes)[:-1])  # one draw
+    draw = jax.random.normal(key_params, (sum(sizes),), jnp.float32).astype(float)  # same model under x64
+    pieces = jnp.split(draw, np.cumsum(sizes)[:-1])
     g, mean, a0, aq, h, ar = pieces
     ssm = LinearGaussianSSM(
         initial_mean=mean,

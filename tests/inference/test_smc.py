@@ -55,28 +55,29 @@ def test_hmm_locally_optimal_proposal_is_unbiased_and_better(hmm):
 
 
 def test_kalman_log_evidence_converges():
-    """|mean log Ẑ - log Z| shrinks from N = 64 to 4096 and is < 0.015 nats at N = 4096.
+    """|mean log Ẑ - log Z| shrinks from N = 64 to 1024 and is < 0.04 nats at N = 1024.
 
-    Why 0.015: Ẑ is unbiased, so log Ẑ is biased low by about Var(log Ẑ)/2 (delta method),
+    Why 0.04: Ẑ is unbiased, so log Ẑ is biased low by about Var(log Ẑ)/2 (delta method),
     and Var(log Ẑ) scales like T/N. On this model (T = 50, D = 2, bootstrap proposal) the
-    measured Var/2 at N = 4096 is 0.0045 and the standard error of the mean over 1024 seeds
-    is 0.003, so a correct filter lands within 0.0045 + 3 SE ≈ 0.014. The same run checks the
+    measured Var/2 at N = 4096 is 0.0045, so at N = 1024 it is about 0.018, and the standard
+    error of the mean over 1024 seeds about 0.006: a correct filter lands within
+    0.018 + 3 SE ≈ 0.036. (N = 4096 allowed 0.014 but took three quarters of the test's time.) The same run checks the
     delta method itself: mean log Ẑ + Var/2 is within 4 SE of log Z at every N (a filter
     with a wrong weight would miss this by far more). The float32 Kalman log Z (≈ -100) is
     exact to ~1e-4, far below these margins."""
     ssm = random_lgssm(jax.random.key(3), state_dim=2, obs_dim=2, n_steps=50)
     log_z = float(ssm.log_z())
     errors = {}
-    for n_particles in (64, 256, 1024, 4096):
+    for n_particles in (64, 256, 1024):
         estimates = np.concatenate([_log_z_over_seeds(ssm.program(), 512, n_particles, seed=seed) for seed in (1, 2)])
         standard_error = estimates.std(ddof=1) / np.sqrt(len(estimates))
         errors[n_particles] = abs(estimates.mean() - log_z)
         corrected = estimates.mean() + estimates.var(ddof=1) / 2
         assert abs(corrected - log_z) < 4 * standard_error, (n_particles, corrected, log_z)
     print("Kalman |mean log Ẑ - log Z| by N:", {n: round(float(e), 4) for n, e in errors.items()})
-    ordered = [errors[n] for n in (64, 256, 1024, 4096)]
+    ordered = [errors[n] for n in (64, 256, 1024)]
     assert all(later < earlier for earlier, later in zip(ordered, ordered[1:])), errors
-    assert errors[4096] < 0.015, errors
+    assert errors[1024] < 0.04, errors
 
 
 def _weighted_histogram(model, result, codes_index):

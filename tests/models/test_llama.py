@@ -16,11 +16,13 @@ import torch
 from ppl.lm import LM
 from ppl.models import KVCache, Llama, Tokenizer, load_hf_checkpoint
 
+# Each prompt length compiles its own programs (~20 s on 2 cores): CI checks two, `-m heavy` all five.
+_HEAVY = [pytest.mark.slow, pytest.mark.heavy]
 PROMPTS = [
-    "The capital of France is",
+    pytest.param("The capital of France is", marks=_HEAVY),
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
-    "Q: What is 17 * 23?\nA:",
-    "Once upon a time, in a village at the edge of a great forest, there lived",
+    pytest.param("Q: What is 17 * 23?\nA:", marks=_HEAVY),
+    pytest.param("Once upon a time, in a village at the edge of a great forest, there lived", marks=_HEAVY),
     "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
 ]
 
