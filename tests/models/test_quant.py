@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppl.models import CheckpointError, Llama, estimate_memory, load_gguf
+from ppl.models import CheckpointError, Llama, check_memory, estimate_memory, load_gguf
 from ppl.models.loaders import GGUFTensor, dequantize, gguf_hf_tensors, read_gguf
 from ppl.models.quant import PACKED_TYPES, QuantizedMatrix, concatenate, from_gguf_blocks, linear, stack, take_rows
 
@@ -123,6 +123,8 @@ def test_smollm2_packed_weights_memory(smollm2_file):
     model = load_gguf(smollm2_file, quantized=True)
     packed = sum(leaf.nbytes for leaf in jax.tree.leaves(model))
     assert packed <= estimate_memory(model.config, 1, 1).weights / 3
+    # The memory guard counts the largest matrix dequantised for its product (the tied head).
+    assert check_memory(model, 1, 8).temporaries >= 4 * model.vocab_size * model.hidden_size
 
 
 def test_bfloat16_path_matches_fp32_within_bf16_rounding(small_smollm2):
