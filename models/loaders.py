@@ -249,13 +249,16 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
     )
 
 
-def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, quantized: bool = True) -> Llama:
+def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, quantized: bool = False) -> Llama:
     """A :class:`Llama` from a GGUF file, computing in ``dtype``.
 
-    With ``quantized`` the matrices stored as Q8_0, Q4_0, Q4_1, Q4_K or Q6_K stay packed on the
+    By default every tensor is dequantised once, here, and cast to ``dtype``. With
+    ``quantized`` the matrices stored as Q8_0, Q4_0, Q4_1, Q4_K or Q6_K stay packed on the
     device (:class:`~ppl.models.quant.QuantizedMatrix`, 0.16-0.31 of their float32 bytes) and
-    are dequantised inside each step, to the very float32 values of the dequantised path;
-    otherwise every tensor is dequantised once, here, and cast to ``dtype``.
+    are dequantised inside each step to the very values of the default path (the logits are
+    the same): ~5x less weight memory and a ~4x faster load, but on XLA:CPU each step is
+    slower, since the dequantised matrix is materialised before its dot (measured in
+    ``benchmarks/RESULTS.md``, issue 13) — hence the default.
     """
     file = read_gguf(path)
     config, tensor = gguf_hf_tensors(file, quantized)
