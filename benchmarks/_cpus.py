@@ -16,3 +16,14 @@ def pin(cores: int) -> None:
     if cores == 1:
         flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
+def threads_from_argv(argv: list[str], default: int) -> int:
+    """The value of ``--threads K`` / ``--threads=K`` in ``argv`` (read before argparse runs,
+    since pinning must happen before jax is imported), else ``default``."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return default

@@ -30,17 +30,8 @@ import time
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
-
-def _threads(argv: list[str]) -> int:
-    """``--threads K`` / ``--threads=K``, read before jax is imported (XLA reads its flags once)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--threads"):
-            return int(arg.split("=", 1)[1] if "=" in arg else argv[i + 1])
-    return len(os.sched_getaffinity(0))
-
-
 if __name__ == "__main__":
-    _cpus.pin(_threads(sys.argv))
+    _cpus.pin(_cpus.threads_from_argv(sys.argv, len(os.sched_getaffinity(0))))
 
 import jax  # noqa: E402  (after the pinning)
 import jax.numpy as jnp  # noqa: E402

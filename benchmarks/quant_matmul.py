@@ -26,7 +26,7 @@ import time
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
 if __name__ == "__main__":
-    _cpus.pin(int(next((a.split("=")[1] for a in sys.argv if a.startswith("--threads=")), "1")))
+    _cpus.pin(_cpus.threads_from_argv(sys.argv, 1))
 
 import jax  # noqa: E402  (after the pinning)
 import jax.numpy as jnp  # noqa: E402
@@ -52,7 +52,7 @@ def best_ms(fn, *args, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="cores (use --threads=K; read before jax starts)")
+    parser.add_argument("--threads", type=int, default=1, help="cores the process is pinned to")
     args = parser.parse_args()
     file = read_gguf(smollm2_path())
     blocks = [file.tensors[f"blk.0.ffn_{k}.weight"] for k in ("gate", "up")]
