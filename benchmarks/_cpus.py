@@ -18,12 +18,12 @@ def pin(cores: int) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
 
-def pin_from_argv(argv: list[str], default: int) -> int:
-    """Pin to the ``--threads K`` found in ``argv`` (``default`` without one), before argparse
-    runs, since jax must not be imported first; returns ``K``."""
-    cores = default
-    for flag, value in zip(argv, argv[1:]):
-        if flag == "--threads":
-            cores = int(value)
-    pin(cores)
-    return cores
+def threads_from_argv(argv: list[str], default: int) -> int:
+    """The value of ``--threads K`` / ``--threads=K`` in ``argv`` (read before argparse runs,
+    since pinning must happen before jax is imported), else ``default``."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return default

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
-_cpus.pin_from_argv(sys.argv[1:], default=1)
+_cpus.pin(_cpus.threads_from_argv(sys.argv, 1))
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402

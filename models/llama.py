@@ -13,7 +13,8 @@ Layer weights are *stacked* along a leading layer axis and the layers run inside
 ``lax.scan``, so compile time does not grow with depth. Matrices are stored ``[out, in]`` as
 in PyTorch (XLA:CPU's small-batch matmuls are fastest with that layout); q/k/v are fused into
 one ``[(heads + 2 kv_heads) * head_dim, d]`` matrix and gate/up into one ``[2 * ffn, d]``
-matrix so a decode step issues few, large matmuls.
+matrix so a decode step issues few, large matmuls. Any matrix may instead be a
+:class:`~ppl.models.quant.QuantizedMatrix` (GGUF blocks kept packed, dequantised in the step).
 
 The cache (:class:`KVCache`) holds every layer's keys and values for each row (particle) in
 ``[layers, batch, max_len, kv_heads, head_dim]`` buffers plus each row's length. It is carried
@@ -37,6 +38,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ppl.lm import ParticleCache
+from ppl.models import quant
+from ppl.models.quant import Weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,13 +185,13 @@ class LayerStack(eqx.Module):
     """All decoder layers' weights, stacked along a leading ``layers`` axis (L)."""
 
     attn_norm: Float[Array, "L d"]
-    qkv: Float[Array, "L qkv d"]  # rows: q heads, then k heads, then v heads
+    qkv: Weight  # [L, qkv, d]; rows: q heads, then k heads, then v heads
     qkv_bias: Float[Array, "L qkv"] | None
-    out: Float[Array, "L d hd"]
+    out: Weight  # [L, d, heads * head_dim]
     out_bias: Float[Array, "L d"] | None
     mlp_norm: Float[Array, "L d"]
-    gate_up: Float[Array, "L two_ffn d"]  # rows: gate, then up
-    down: Float[Array, "L d ffn"]
+    gate_up: Weight  # [L, 2 ffn, d]; rows: gate, then up
+    down: Weight  # [L, d, ffn]
 
 
 class Llama(eqx.Module):
@@ -197,10 +200,10 @@ class Llama(eqx.Module):
     :meth:`from_hf_tensors`."""
 
     config: LlamaConfig = eqx.field(static=True)
-    embed: Float[Array, "V d"]
+    embed: Weight  # [V, d]
     layers: LayerStack
     final_norm: Float[Array, " d"]
-    lm_head: Float[Array, "V d"] | None  # None: tied to ``embed``
+    lm_head: Weight | None  # [V, d]; None: tied to ``embed``
     rope_inv_freq: Float[Array, " half_head_dim"]
 
     @property
@@ -210,8 +213,9 @@ class Llama(eqx.Module):
 
     @property
     def dtype(self) -> jnp.dtype:
-        """The weights' floating-point type."""
-        return self.embed.dtype
+        """The floating-point type of the computation, the dense weights and the KV cache
+        (quantised matrices are dequantised to it)."""
+        return self.final_norm.dtype
 
     # -- the LM protocol ------------------------------------------------------------------
 
@@ -272,7 +276,12 @@ class Llama(eqx.Module):
 
     @property
     def output_embedding(self) -> Float[Array, "V d"]:
-        """The output projection (the token embedding when tied): ``logits = features · it^T``."""
+        """The output projection (the token embedding when tied): ``logits = features · it^T``,
+        dense (a quantised one is dequantised)."""
+        return quant.dense(self._head, self.dtype)
+
+    @property
+    def _head(self) -> Weight:
         return self.embed if self.lm_head is None else self.lm_head
 
     def logits(self, hidden: Float[Array, "*n d"]) -> Float[Array, "*n V"]:
@@ -285,8 +294,7 @@ class Llama(eqx.Module):
 
     def project(self, features: Float[Array, "*n d"]) -> Float[Array, "*n V"]:
         """Logits from features (the output projection), in float32."""
-        head = self.output_embedding
-        return _linear(features.astype(head.dtype), head).astype(jnp.float32)
+        return quant.linear(features.astype(self.dtype), self._head).astype(jnp.float32)
 
     def extend(self, cache: KVCache, tokens: Int[Array, "B T"]) -> tuple[Float[Array, "B T d"], KVCache]:
         """Append ``T`` tokens to each row of ``cache``; return their final hidden states.
@@ -313,7 +321,7 @@ class Llama(eqx.Module):
             x, keys, values = _decoder_layer(c, w, index, x, keys, values, rope, visible, write)
             return (x, keys, values), None
 
-        x = jnp.take(self.embed, tokens, axis=0)
+        x = quant.take_rows(self.embed, tokens, self.dtype)
         (x, keys, values), _ = jax.lax.scan(
             layer, (x, cache.keys, cache.values), (jnp.arange(c.num_layers), self.layers)
         )
@@ -326,27 +334,29 @@ class Llama(eqx.Module):
         cls, config: LlamaConfig, tensor: Callable[[str], np.ndarray], dtype: jnp.dtype = jnp.float32
     ) -> Llama:
         """Build the model from HF-named weights (``model.layers.{i}.self_attn.q_proj.weight``,
-        ``[out, in]`` as in PyTorch); ``tensor(name)`` returns one as a float numpy array.
+        ``[out, in]`` as in PyTorch); ``tensor(name)`` returns one as a float numpy array or,
+        for a matrix to keep packed, a host :class:`~ppl.models.quant.QuantizedMatrix`. Dense
+        weights are cast to ``dtype``; quantised ones are dequantised to it inside each step.
         Layers are stacked one at a time so peak host memory stays near one model copy."""
         c = config
 
         def stacked(fn: Callable[[str], np.ndarray]) -> jax.Array:
-            return jnp.asarray(np.stack([fn(f"model.layers.{i}.") for i in range(c.num_layers)]), dtype)
+            return quant.to_device(quant.stack([fn(f"model.layers.{i}.") for i in range(c.num_layers)]), dtype)
 
         attn = lambda p, kind, part: tensor(f"{p}self_attn.{kind}_proj.{part}")
         layers = LayerStack(
             attn_norm=stacked(lambda p: tensor(p + "input_layernorm.weight")),
-            qkv=stacked(lambda p: np.concatenate([attn(p, k, "weight") for k in "qkv"])),
+            qkv=stacked(lambda p: quant.concatenate([attn(p, k, "weight") for k in "qkv"])),
             qkv_bias=stacked(lambda p: np.concatenate([attn(p, k, "bias") for k in "qkv"]))
             if c.attention_bias
             else None,
             out=stacked(lambda p: attn(p, "o", "weight")),
             out_bias=stacked(lambda p: attn(p, "o", "bias")) if c.output_bias else None,
             mlp_norm=stacked(lambda p: tensor(p + "post_attention_layernorm.weight")),
-            gate_up=stacked(lambda p: np.concatenate([tensor(p + f"mlp.{k}_proj.weight") for k in ("gate", "up")])),
+            gate_up=stacked(lambda p: quant.concatenate([tensor(p + f"mlp.{k}_proj.weight") for k in ("gate", "up")])),
             down=stacked(lambda p: tensor(p + "mlp.down_proj.weight")),
         )
-        embed = jnp.asarray(tensor("model.embed_tokens.weight"), dtype)
+        embed = quant.to_device(tensor("model.embed_tokens.weight"), dtype)
         if embed.shape != (c.vocab_size, c.hidden_size):
             raise ValueError(f"embedding has shape {embed.shape}, config says {(c.vocab_size, c.hidden_size)}")
         return cls(
@@ -354,13 +364,9 @@ class Llama(eqx.Module):
             embed=embed,
             layers=layers,
             final_norm=jnp.asarray(tensor("model.norm.weight"), dtype),
-            lm_head=None if c.tie_embeddings else jnp.asarray(tensor("lm_head.weight"), dtype),
+            lm_head=None if c.tie_embeddings else quant.to_device(tensor("lm_head.weight"), dtype),
             rope_inv_freq=jnp.asarray(c.rope_inv_freq()),
         )
-
-
-def _linear(x: Float[Array, "*n d_in"], weight: Float[Array, "d_out d_in"]) -> Float[Array, "*n d_out"]:
-    return jnp.einsum("...i,oi->...o", x, weight)
 
 
 def _rms_norm(x: Float[Array, "*n d"], weight: Float[Array, " d"], eps: float) -> Float[Array, "*n d"]:
@@ -393,7 +399,7 @@ def _decoder_layer(c: LlamaConfig, w: LayerStack, index, x, keys, values, rope, 
     batch, steps, _ = x.shape
     kv, groups, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
 
-    qkv = _linear(_rms_norm(x, w.attn_norm, c.rms_norm_eps), w.qkv)
+    qkv = quant.linear(_rms_norm(x, w.attn_norm, c.rms_norm_eps), w.qkv)
     if w.qkv_bias is not None:
         qkv = qkv + w.qkv_bias
     q, k, v = jnp.split(qkv, [c.num_heads * hd, (c.num_heads + kv) * hd], axis=-1)
@@ -410,10 +416,10 @@ def _decoder_layer(c: LlamaConfig, w: LayerStack, index, x, keys, values, rope, 
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     attended = jnp.einsum("bkqs,bskh->bkqh", probs, values[index])
     attended = attended.reshape(batch, kv, steps, groups, hd).transpose(0, 2, 1, 3, 4).reshape(batch, steps, -1)
-    attended = _linear(attended, w.out)
+    attended = quant.linear(attended, w.out)
     if w.out_bias is not None:
         attended = attended + w.out_bias
     h = x + attended
 
-    gate, up = jnp.split(_linear(_rms_norm(h, w.mlp_norm, c.rms_norm_eps), w.gate_up), 2, axis=-1)
-    return h + _linear(jax.nn.silu(gate) * up, w.down), keys, values
+    gate, up = jnp.split(quant.linear(_rms_norm(h, w.mlp_norm, c.rms_norm_eps), w.gate_up), 2, axis=-1)
+    return h + quant.linear(jax.nn.silu(gate) * up, w.down), keys, values

@@ -2,7 +2,9 @@
 
 Both loaders translate a checkpoint into HF tensor names and layout (``[out, in]`` matrices,
 rotary pairs ``(i, i + head_dim/2)``) and hand them to :meth:`Llama.from_hf_tensors`, so one
-code path builds the model. Tensors are dequantised to float32 numpy arrays one at a time.
+code path builds the model. Tensors are dequantised to float32 numpy arrays one at a time, or
+(GGUF, ``quantized=True``) matrices of the types in :data:`~ppl.models.quant.PACKED_TYPES` are
+handed over packed, as :class:`~ppl.models.quant.QuantizedMatrix`.
 
 GGUF specifics: llama.cpp's converter permutes the q/k projection rows of ``llama``-arch
 models so that rotary pairs become adjacent dimensions; :func:`_unpermute_rows` restores
@@ -26,10 +28,12 @@ from typing import Any
 
 import equinox as eqx
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ppl.models.llama import Llama, LlamaConfig
+from ppl.models.quant import PACKED_TYPES, QuantizedMatrix, from_gguf_blocks
 from ppl.models.tensor_checks import checked_tensors, make_config
 
 
@@ -245,10 +249,19 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
     )
 
 
-def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Llama:
-    """A :class:`Llama` from a GGUF file, every tensor dequantised (then cast to ``dtype``)."""
+def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, quantized: bool = False) -> Llama:
+    """A :class:`Llama` from a GGUF file, computing in ``dtype``.
+
+    By default every tensor is dequantised once, here, and cast to ``dtype``. With
+    ``quantized`` the matrices stored as Q8_0, Q4_0, Q4_1, Q4_K or Q6_K stay packed on the
+    device (:class:`~ppl.models.quant.QuantizedMatrix`, 0.16-0.31 of their float32 bytes) and
+    are dequantised inside each step to the very values of the default path (the logits are
+    the same): ~5x less weight memory and a ~4x faster load, but on XLA:CPU each step is
+    slower, since the dequantised matrix is materialised before its dot (measured in
+    ``benchmarks/RESULTS.md``, issue 13) — hence the default.
+    """
     file = read_gguf(path)
-    config, tensor = gguf_hf_tensors(file)
+    config, tensor = gguf_hf_tensors(file, quantized)
     model = Llama.from_hf_tensors(config, tensor, dtype)
     if "rope_freqs.weight" in file.tensors:  # Llama 3.1 files store rope frequency divisors as a tensor
         divisors = dequantize(file.tensors["rope_freqs.weight"], file.path)
@@ -260,8 +273,12 @@ def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Llama:
     return model
 
 
-def gguf_hf_tensors(file: GGUFFile) -> tuple[LlamaConfig, Callable[[str], np.ndarray]]:
-    """A GGUF file's config, and a function giving each tensor by its HF name in HF layout."""
+def gguf_hf_tensors(
+    file: GGUFFile, quantized: bool = False
+) -> tuple[LlamaConfig, Callable[[str], np.ndarray | QuantizedMatrix]]:
+    """A GGUF file's config, and a function giving each tensor by its HF name in HF layout:
+    float32, or with ``quantized`` a packed :class:`QuantizedMatrix` for the matrices of a
+    type in :data:`~ppl.models.quant.PACKED_TYPES`."""
     config = gguf_config(file)
     permuted = _metadata(file, "general.architecture") == "llama"
 
@@ -271,9 +288,14 @@ def gguf_hf_tensors(file: GGUFFile) -> tuple[LlamaConfig, Callable[[str], np.nda
             name = f"blk.{layer}.{_HF_TO_GGUF_LAYER[rest]}"
         else:
             name = _HF_TO_GGUF[hf_name]
-        array = dequantize(_tensor(file, name), file.path)
+        stored = _tensor(file, name)
+        if quantized and stored.type in PACKED_TYPES and len(stored.shape) == 2:
+            array = from_gguf_blocks(stored.raw, stored.type)
+        else:
+            array = dequantize(stored, file.path)
         if permuted and (".attn_q." in name or ".attn_k." in name):
-            array = _unpermute_rows(array, config.num_heads if ".attn_q." in name else config.num_kv_heads)
+            heads = config.num_heads if ".attn_q." in name else config.num_kv_heads
+            array = jax.tree.map(lambda rows: _unpermute_rows(rows, heads), array)
         return array
 
     return config, checked_tensors(config, tensor, file.path, CheckpointError)

@@ -15,7 +15,9 @@ What is counted (bytes):
   twice: resampling gathers the rows into a new buffer while the old one is alive;
 - **per-step temporaries**: ``[N, V]`` float32 logits and the few same-sized arrays a proposal
   derives from them (log-probabilities, masked copy, sampling noise), and each layer's
-  ``[N, heads, max_len]`` attention scores and ``[N, ffn]`` activations.
+  ``[N, heads, max_len]`` attention scores and ``[N, ffn]`` activations; for a model with
+  quantised matrices (:class:`~ppl.models.quant.QuantizedMatrix`), the largest one dequantised
+  (each is, for its product).
 
 It is an estimate of the peak, not an exact figure: XLA may fuse some temporaries away or keep
 extra buffers; :data:`HEADROOM` leaves a margin for that.
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl.models.llama import Llama, LlamaConfig
+from ppl.models.quant import QuantizedMatrix
 
 HEADROOM = 0.9
 """Refuse when the estimate exceeds this fraction of the available memory."""
@@ -125,6 +128,13 @@ def check_memory(lm: Llama, n_particles: int, max_len: int, device: jax.Device |
     """
     weights = sum(leaf.nbytes for leaf in jax.tree.leaves(lm) if isinstance(leaf, jax.Array))
     estimate = estimate_memory(lm.config, n_particles, max_len, lm.dtype, weights=weights)
+    packed = [
+        m
+        for m in jax.tree.leaves(lm, is_leaf=lambda x: isinstance(x, QuantizedMatrix))
+        if isinstance(m, QuantizedMatrix)
+    ]
+    dequantised = max((math.prod(m.shape[-2:]) * np.dtype(lm.dtype).itemsize for m in packed), default=0)
+    estimate = dataclasses.replace(estimate, temporaries=estimate.temporaries + dequantised)
     available = available_memory(device)
     needed = estimate.kv_cache + estimate.temporaries
     if available is not None and needed > HEADROOM * available:

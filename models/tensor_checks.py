@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ppl.models.llama import LlamaConfig
+from ppl.models.quant import nonfinite
 
 
 def make_config(path: Any, error: type[Exception], **fields: Any) -> LlamaConfig:
@@ -73,19 +74,18 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def checked_tensors(
-    config: LlamaConfig, tensor: Callable[[str], np.ndarray], path: Any, error: type[Exception]
-) -> Callable[[str], np.ndarray]:
-    """``tensor`` with each result checked against the config's shape and for NaN/Inf."""
+    config: LlamaConfig, tensor: Callable[[str], Any], path: Any, error: type[Exception]
+) -> Callable[[str], Any]:
+    """``tensor`` with each result (an array or a quantised matrix) checked against the config's
+    shape and for NaN/Inf."""
     shapes = hf_shapes(config)
 
     def checked(name: str) -> np.ndarray:
         array = tensor(name)
         if name in shapes and array.shape != shapes[name]:
             raise error(f"{path}: tensor {name!r} has shape {array.shape}, the config implies {shapes[name]}")
-        if not np.isfinite(array).all():
-            raise error(
-                f"{path}: tensor {name!r} holds {np.size(array) - np.isfinite(array).sum()} non-finite values (corrupt data?)"
-            )
+        if bad := nonfinite(array):
+            raise error(f"{path}: tensor {name!r} holds {bad} non-finite values (corrupt data?)")
         return array
 
     return checked
