@@ -178,7 +178,7 @@ class _GlobalPlace(eqx.Module):
     ESS, ``log_z`` and ancestors are computed on all ``N`` of them, as on one device)."""
 
     mesh: Mesh = eqx.field(static=True)
-    particle_axis: str = eqx.field(static=True)
+    particle_axis: str | None = eqx.field(static=True)
 
     def __call__(self, state: SMCState, info: Any) -> tuple[SMCState, Any]:
         def split(leaf, axis):
@@ -301,8 +301,11 @@ def _layout(mesh, prompt_axis, particle_axis, islands, n_particles, n_prompts):
         if islands:
             raise ValueError("islands=True needs a mesh: the islands are the devices along particle_axis")
         return (None, None, None, False)
-    if particle_axis is None:
-        raise ValueError("a mesh needs particle_axis, the mesh axis the particles are split over")
+    if particle_axis is None and (islands or prompt_axis is None):
+        raise ValueError(
+            "a mesh needs particle_axis, the mesh axis the particles are split over "
+            "(or, for global resampling, prompt_axis alone: each prompt's particles on one device)"
+        )
     check_mesh(mesh, [(particle_axis, n_particles, "particles"), (prompt_axis, n_prompts or 1, "prompts")])
     return (mesh, prompt_axis, particle_axis, bool(islands))
 
@@ -339,7 +342,8 @@ def smc_batch(
         prompt_axis: the mesh axis the programs are split over (must divide ``B``), or
             ``None`` to give every device all of them.
         particle_axis: the mesh axis each program's particles are split over (must divide
-            ``n_particles``).
+            ``n_particles``), or ``None`` to keep each program's particles on one device
+            (then ``prompt_axis`` spreads the programs).
         islands: ``False``: exact global resampling, the one-device result; ``True``: island
             resampling, no cache row crosses devices (see the module docstring).
     """

@@ -5,8 +5,8 @@
 imported, hence a separate process) prints one ``json`` line per check:
 
 - ``errors``: the messages of a mesh that does not divide the particles or the prompts;
-- ``global``: tiny-Llama SMC with particles split over 4 and over 8 devices (exact global
-  resampling) against one device, same key;
+- ``global4``, ``global8``, ``global4,8``: tiny-Llama SMC with particles split over 4 (8)
+  devices (exact global resampling) against one device, same key;
 - ``islands``: island resampling over 4 devices, ``Ẑ/Z`` over 1000 seeds (vmapped) on an HMM
   (exact ``Z`` by the forward algorithm) and on the tiny Llama (exact ``Z`` by enumeration);
 - ``batch_mesh``: a batch of 2 prompts over a 2 x 4 (prompts x particles) mesh against
@@ -60,21 +60,23 @@ def errors() -> None:
     report("errors", messages=messages)
 
 
-def global_mode() -> None:
+def global_mode(*device_counts: int) -> None:
     program = tiny_generation(tiny_llama(0))
     key, n = jax.random.key(5), 32
     one = ppl.inference.smc(program, key, n, ess_threshold=0.9)
-    for devices in (4, 8):
+    for devices in device_counts:
         split = smc_sharded(program, key, n, mesh=mesh_of(devices), ess_threshold=0.9)
         report(
             "global",
             devices=devices,
-            tokens_equal=bool(jnp.array_equal(one.particles.tokens, split.particles.tokens)),
-            ancestors_equal=bool(jnp.array_equal(one.ancestors, split.ancestors)),
-            resampled_equal=bool(jnp.array_equal(one.resampled, split.resampled)),
+            tokens_equal=bool(np.array_equal(one.particles.tokens, split.particles.tokens)),
+            ancestors_equal=bool(np.array_equal(one.ancestors, split.ancestors)),
+            resampled_equal=bool(np.array_equal(one.resampled, split.resampled)),
             n_resampled=int(one.resampled.sum()),
             log_z=[float(one.log_z), float(split.log_z)],
-            max_log_weight_difference=float(jnp.max(jnp.abs(one.log_weights - split.log_weights))),
+            max_log_weight_difference=float(
+                np.max(np.abs(np.asarray(one.log_weights) - np.asarray(split.log_weights)))
+            ),
             cache_sharding=str(split.particles.cache.keys.sharding.spec),
         )
 
@@ -90,7 +92,7 @@ def islands() -> None:
     for name, (program, log_z) in cases.items():
         keys = jax.random.split(jax.random.key(11), N_SEEDS)
         result = smc_batch(
-            [program] * N_SEEDS, keys, 8, mesh=mesh, particle_axis="particles", islands=True, ess_threshold=0.9
+            [program] * N_SEEDS, keys, 16, mesh=mesh, particle_axis="particles", islands=True, ess_threshold=0.9
         )
         ratios = np.exp(np.asarray(result.log_z, np.float64) - log_z)
         report(
@@ -112,10 +114,12 @@ def batch_mesh() -> None:
         programs, keys, 16, mesh=mesh, prompt_axis="prompts", particle_axis="particles", ess_threshold=0.9
     )
     single = [ppl.inference.smc(program, key, 16, ess_threshold=0.9) for program, key in zip(programs, keys)]
+    by_prompt = smc_batch(programs, keys, 16, mesh=mesh_of(2, ("prompts",)), prompt_axis="prompts", ess_threshold=0.9)
     report(
         "batch_mesh",
+        prompt_axis_only_tokens_equal=bool(np.array_equal(by_prompt.particles.tokens, batch.particles.tokens)),
         tokens_equal=all(
-            bool(jnp.array_equal(r.particles.tokens, batch.particles.tokens[i])) for i, r in enumerate(single)
+            bool(np.array_equal(r.particles.tokens, batch.particles.tokens[i])) for i, r in enumerate(single)
         ),
         log_z=[[float(r.log_z), float(batch.log_z[i])] for i, r in enumerate(single)],
     )
@@ -134,6 +138,9 @@ def _options():
 
 
 if __name__ == "__main__":
-    checks = {"errors": errors, "global": global_mode, "islands": islands, "batch_mesh": batch_mesh}
+    checks = {"errors": errors, "islands": islands, "batch_mesh": batch_mesh}
     for check in sys.argv[1:]:
-        checks[check]()
+        if check.startswith("global"):  # global4, global4,8: the device counts
+            global_mode(*map(int, check.removeprefix("global").split(",")))
+        else:
+            checks[check]()
