@@ -195,11 +195,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_equal_one_process(tmp_path):
     """``jax.distributed`` on the loopback coordinator (127.0.0.1 only; CPU devices, gloo
     collectives): SMC with the particles split over two processes' devices (global
     resampling) gives exactly this one process's run: log Ẑ, weights, particles and ancestry.
-    Bounded: the processes have 120 s."""
+    Bounded: the processes have 120 s. Heavy: three compilations in three processes (about
+    35 s of CPU), past what CI's slow step has left."""
     sys.path.insert(0, str(HERE))
     try:
         import multihost_worker as worker
