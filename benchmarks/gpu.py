@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
+import sys
 import time
 
 import equinox as eqx
@@ -111,6 +113,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     args = parser.parse_args()
     particles = args.particles or ([16, 64] if args.tiny else [256, 1024, 4096])
+    if len(particles) > 1:
+        # One process per N: with jax 0.10.2 a jitted function around smc, called with a
+        # second static n_particles in the same process, fails on its second call
+        # ("Execution supplied k arguments but compiled program expected k+1").
+        options = (["--tiny"] if args.tiny else []) + ([f"--new-tokens={args.new_tokens}"] if args.new_tokens else [])
+        for n in particles:
+            subprocess.run([sys.executable, __file__, *options, "--particles", str(n)], check=True)
+        return
     lm, tokenizer, prompt, constraint = model(args.tiny)
     new_tokens = args.new_tokens or (4 if args.tiny else 64)
     device = jax.devices()[0]
