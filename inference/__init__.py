@@ -22,6 +22,7 @@ from ppl.inference.moves import SuffixMH, suffix_mh
 from ppl.inference.objectives import ctl, distill, posterior_draws, smc_bound, twist_path
 from ppl.inference.pmmh import PMMHInfo, PMMHState, pmmh, pmmh_init, pmmh_step
 from ppl.inference.resampling import get_resampler
+from ppl.inference.scale import smc_batch, smc_sharded
 from ppl.inference.sequential import importance, smc
 from ppl.inference.trajectories import replay, score
 from ppl.inference.vi import elbo, fit, iwae
@@ -65,6 +66,8 @@ __all__ = [
     "resampling",
     "score",
     "smc",
+    "smc_batch",
+    "smc_sharded",
     "suffix_mh",
     "to_inference_data",
 ]

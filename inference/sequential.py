@@ -98,8 +98,9 @@ def check_move_shapes(program: StateSpace, kernel: Move, state: Any, proposal: S
             )
 
 
-def _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, every):
-    """One scan iteration of SMC at step ``t``: a step, then the move when it is due."""
+def _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, every, place=None):
+    """One scan iteration of SMC at step ``t``: a step, then the move when it is due; then
+    ``place`` (if given) pins the state's layout over devices (:mod:`ppl.inference.scale`)."""
 
     def advance(state, t):
         running = (t < program.max_steps) & ~jnp.all(done(program, state.particles)) & (state.ess > 0)
@@ -115,7 +116,7 @@ def _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, ever
                 state, acceptance = rejuvenate(program, move_key, state, t, kernel, proposal=proposal, when=when)
                 # What the step emits must be read after the move, which may rewrite it.
                 info = info._replace(choices=emitted(state.choices, state.window, t), acceptance_rate=acceptance)
-            return state, info
+            return (state, info) if place is None else place(state, info)
 
         # scan + cond rather than while_loop: reverse-mode differentiable (for VI), and once
         # every particle is done (or dead) the remaining iterations cost nothing.
@@ -133,9 +134,11 @@ def _start(program, key, n_particles, proposal, kernel):
 
 
 @eqx.filter_jit
-def _smc(program, key, n_particles, resampler, ess_threshold, proposal, kernel, every) -> SMCResult:
+def _smc(program, key, n_particles, resampler, ess_threshold, proposal, kernel, every, place=None) -> SMCResult:
     state, loop_key = _start(program, key, n_particles, proposal, kernel)
-    advance = _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, every)
+    if place is not None:
+        state, _ = place(state, idle(state))
+    advance = _advance(program, loop_key, resampler, ess_threshold, proposal, kernel, every, place)
     state, history = jax.lax.scan(advance, state, jnp.arange(program.max_steps))
     return finalize(state, history)
 

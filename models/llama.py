@@ -180,6 +180,14 @@ class KVCache(ParticleCache):
         """The cache rolled back to ``checkpoint`` lengths (positions past them become stale)."""
         return KVCache(self.keys, self.values, checkpoint)
 
+    def truncate(self, length: Int[Array, ""]) -> KVCache:
+        """Every row cut back to ``length`` positions (those past it become stale)."""
+        return KVCache(self.keys, self.values, jnp.full_like(self.lengths, length))
+
+    def particle_axes(self) -> KVCache:
+        """Particles are axis 1 of the buffers, axis 0 of ``lengths``."""
+        return KVCache(1, 1, 0)
+
 
 class LayerStack(eqx.Module):
     """All decoder layers' weights, stacked along a leading ``layers`` axis (L)."""

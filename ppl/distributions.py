@@ -95,16 +95,30 @@ class NextToken(Categorical):
         super().__init__(logits=logits)
 
 
-def prompt_cache(lm: LM, prompt: Int[Array, " P"], max_len: int, n_particles: int | None = None) -> Cache:
+def prompt_cache(
+    lm: LM,
+    prompt: Int[Array, " P"],
+    max_len: int,
+    n_particles: int | None = None,
+    length: Int[Array, ""] | None = None,
+) -> Cache:
     """A cache holding all of ``prompt`` but its last token, prefilled once.
 
     The last token is what the first :class:`NextToken` feeds (``last_tokens``), so a
     program's ``init`` is typically ``cache = prompt_cache(lm, prompt, max_len, n)`` with
     ``last = prompt[-1]`` for every particle. With ``n_particles`` the batch-1 cache is
     broadcast to that many rows (the prompt is computed once and shared).
+
+    ``length`` (may be traced) is the real length of a right-padded ``prompt``: the padding
+    is prefilled too (attention is causal, so it changes nothing before it) and then cut off
+    (:meth:`ppl.lm.ParticleCache.truncate`), so the cache holds ``prompt[:length - 1]`` and
+    the next token goes to position ``length - 1``, as for the unpadded prompt. This is what
+    lets prompts of different lengths share one shape (a batch of prompts).
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     cache = lm.init_cache(1, max_len) if prompt.shape[0] == 1 else lm.prefill(prompt[:-1], max_len)[1]
+    if length is not None:
+        cache = cache.truncate(jnp.asarray(length, jnp.int32) - 1)
     return cache if n_particles is None else lm.broadcast(cache, n_particles)
 
 

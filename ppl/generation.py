@@ -139,11 +139,14 @@ class Generation(StateSpace):
         twist: ``twist(state) -> [N, V]`` log twist of every next token (token steps only);
             ``twist(state, features)`` if it sets ``uses_features`` (``ppl.models.heads``).
         max_len: the KV-cache buffer (default: exactly what the prompt and budget need).
+        prompt_length: the real length of a right-padded ``prompt`` (default: all of it);
+            :meth:`for_prompts` builds such programs for a batch of prompts.
     """
 
     batched: ClassVar[bool] = True
     lm: LM
     prompt: Int[Array, " P"]
+    prompt_length: Int[Array, ""] | None
     constraint: TokenConstraint | None
     potentials: tuple
     delimiter: Bool[Array, " V"] | None
@@ -172,8 +175,14 @@ class Generation(StateSpace):
         max_chunks: int | None = None,
         twist: Callable[[TokenState], Float[Array, "N V"]] | None = None,
         max_len: int | None = None,
+        prompt_length: int | Int[Array, ""] | None = None,
     ):
         self.max_len = check_prompt(jnp.asarray(prompt), max_new_tokens, max_len)
+        padded = jnp.shape(prompt)[0]
+        if prompt_length is not None and not isinstance(prompt_length, jax.core.Tracer):
+            if not 1 <= int(prompt_length) <= padded:
+                raise ValueError(f"prompt_length={int(prompt_length)} must lie in [1, {padded}] (the padded prompt)")
+        self.prompt_length = None if prompt_length is None else jnp.asarray(prompt_length, jnp.int32)
         if proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
         if step not in ("token", "chunk"):
@@ -199,14 +208,51 @@ class Generation(StateSpace):
         self.delimiter = None if delimiter is None else jnp.asarray(delimiter, bool)
         self.chunked, self.max_chunks, self.twist = step == "chunk", max_chunks, twist
 
+    @classmethod
+    def for_prompts(
+        cls, lm: LM, prompts: Sequence[Any], max_new_tokens: int, eos_token_id: int, **options: Any
+    ) -> list[Generation]:
+        """One program per prompt, all of one shape: the prompts right-padded to the longest
+        (``prompt_length`` keeps each one's own length) and one cache buffer ``max_len``, so
+        ``ppl.inference.smc_batch`` runs them as one batch. ``options`` go to every program
+        (build a constraint once and pass it here: the programs then share it).
+
+        Program ``i`` gives the same result as ``Generation(lm, prompts[i], ...,
+        max_len=programs[i].max_len)`` (the padding is cut off the cache; see
+        :func:`ppl.prompt_cache`)."""
+        prompts = [jnp.asarray(prompt, jnp.int32) for prompt in prompts]
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt")
+        for index, prompt in enumerate(prompts):
+            if prompt.ndim != 1 or prompt.shape[0] == 0:
+                raise ValueError(
+                    f"prompt {index} of the batch has shape {list(prompt.shape)}: every prompt must be a non-empty "
+                    "1-D array of token ids (give at least the model's BOS token)"
+                )
+        longest = max(prompt.shape[0] for prompt in prompts)
+        max_len = options.pop("max_len", None)
+        max_len = check_prompt(jnp.zeros(longest, jnp.int32), max_new_tokens, max_len)
+        return [
+            cls(
+                lm,
+                jnp.pad(prompt, (0, longest - prompt.shape[0])),
+                max_new_tokens,
+                eos_token_id,
+                max_len=max_len,
+                prompt_length=prompt.shape[0],
+                **options,
+            )
+            for prompt in prompts
+        ]
+
     def init(self, n_particles: int) -> TokenState:
-        cache = prompt_cache(self.lm, self.prompt, self.max_len, n_particles)
+        cache = prompt_cache(self.lm, self.prompt, self.max_len, n_particles, self.prompt_length)
         initial = self.constraint.initial if self.constraint is not None else 0
         zeros = jnp.zeros(n_particles, jnp.int32)
         return TokenState(
             tokens=jnp.full((n_particles, self.max_steps), -1, jnp.int32),
             length=zeros,
-            last=jnp.full(n_particles, self.prompt[-1]),
+            last=jnp.full(n_particles, self.prompt[-1 if self.prompt_length is None else self.prompt_length - 1]),
             finished=jnp.zeros(n_particles, bool),
             ended_with_eos=jnp.zeros(n_particles, bool),
             n_chunks=zeros,

@@ -16,6 +16,7 @@ import abc
 from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
+import jax
 from jaxtyping import Array, Bool, Float, Int
 
 Cache = Any
@@ -60,6 +61,17 @@ class ParticleCache(eqx.Module):
     @abc.abstractmethod
     def restore(self, checkpoint: Any) -> ParticleCache:
         """The cache rolled back to ``checkpoint`` (rows must only have grown since)."""
+
+    def truncate(self, length: Int[Array, ""]) -> ParticleCache:
+        """Every row cut back to its first ``length`` positions: how a right-padded prompt's
+        cache forgets the padding (:func:`ppl.prompt_cache` with ``length``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be truncated, so it cannot hold padded prompts")
+
+    def particle_axes(self) -> Any:
+        """This cache's tree with, in place of each array, the axis that indexes particles
+        (default 0): what sharding the particle axis over devices needs
+        (:mod:`ppl.inference.scale`)."""
+        return jax.tree.map(lambda _: 0, self)
 
 
 @runtime_checkable
