@@ -4,8 +4,10 @@ the embedded SmolLM2 default (``ppl.models.smollm2()``), token-level constraints
 and toy models with exact answers (``ppl.models.toy``)."""
 
 from ppl.models import constraints, grammar, toy
+from ppl.models.checkpoints import load, load_model
 from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import smollm2, smollm2_path
+from ppl.models.gemma import Gemma3, Gemma3Config
 from ppl.models.grammar import HostConstraint
 from ppl.models.heads import ProposalHead, TwistHead, with_twist
 from ppl.models.llama import KVCache, Llama, LlamaConfig
@@ -24,6 +26,8 @@ __all__ = [
     "available_memory",
     "check_memory",
     "estimate_memory",
+    "Gemma3",
+    "Gemma3Config",
     "KVCache",
     "Llama",
     "LlamaConfig",
@@ -31,6 +35,8 @@ __all__ = [
     "Tokenizer",
     "constraints",
     "grammar",
+    "load",
+    "load_model",
     "load_gguf",
     "load_hf_checkpoint",
     "smollm2",

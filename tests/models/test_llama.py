@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ppl.lm import LM
-from ppl.models import KVCache, Llama, Tokenizer, load_hf_checkpoint
+from ppl.models import Gemma3Config, KVCache, Llama, Tokenizer, load_model
 
 PROMPTS = [
     "The capital of France is",
@@ -99,8 +99,8 @@ def test_protocol_and_bfloat16(tiny_pair):
     ours, _, directory = tiny_pair
     assert isinstance(ours, LM)
     tokens = jnp.arange(12) % ours.vocab_size
-    half = load_hf_checkpoint(directory, dtype=jnp.bfloat16)
-    assert half.embed.dtype == half.layers.qkv.dtype == jnp.bfloat16
+    half = load_model(directory, dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree.leaves(half.layers)} == {half.embed.dtype} == {jnp.dtype(jnp.bfloat16)}
     assert half.prefill(tokens, 16)[1].keys.dtype == jnp.bfloat16
     logits32, logits16 = full_logits(ours, tokens), full_logits(half, tokens)
     assert logits16.dtype == jnp.float32
@@ -171,9 +171,12 @@ def test_prompt_longer_than_cache_is_an_error(tiny_pair):
 def test_layers_are_scanned_not_unrolled(tiny_pair):
     """The decode step's program does not grow with depth (so neither does compile time)."""
     model, _, _ = tiny_pair
+    deeper_config = {"num_layers": 3 * model.config.num_layers}
+    if isinstance(model.config, Gemma3Config):
+        deeper_config["global_layers"] = 3 * model.config.global_layers
     deeper = dataclasses.replace(
         model,
-        config=dataclasses.replace(model.config, num_layers=3 * model.config.num_layers),
+        config=dataclasses.replace(model.config, **deeper_config),
         layers=jax.tree.map(lambda a: jnp.concatenate([a, a, a]), model.layers),
     )
     sizes = []
