@@ -100,7 +100,7 @@ class Gemma3(Llama):
         """Append ``T`` tokens to each row of ``cache``; return their final hidden states
         (as :meth:`Llama.extend`, with each layer's own window and rope base)."""
         c = self.config
-        batch, steps = tokens.shape
+        steps = tokens.shape[1]
         positions = cache.lengths[:, None] + jnp.arange(steps, dtype=jnp.int32)  # [B, T]
 
         def rotation(inv_freq: Array) -> tuple[Array, Array]:
