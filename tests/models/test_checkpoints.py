@@ -17,6 +17,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from ppl.lm import LM
 from ppl.models import CheckpointError, Gemma3, load, load_model
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -50,6 +51,7 @@ def checkpoint(tiny_pair, tmp_path):
 def test_load_returns_the_model_and_its_tokenizer(checkpoint):
     directory, alone = checkpoint
     model, tokenizer = load(directory)
+    assert isinstance(model, LM)
     assert type(model) is type(alone) and (type(model) is Gemma3) == (alone.config.__class__.__name__ == "Gemma3Config")
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(alone), strict=True))
     # The 30-token tokenizer (28 pieces, <s>, </s>) is padded to the model's vocabulary with
