@@ -66,6 +66,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import _cpus  # benchmarks/ is on sys.path when this script runs
 
@@ -86,7 +87,7 @@ from _hf_twin import hf_model  # noqa: E402  (benchmarks/ is on sys.path when th
 import ppl  # noqa: E402
 from ppl.distributions import sample_logits  # noqa: E402
 from ppl.inference import smc  # noqa: E402
-from ppl.models import load_gguf, smollm2_path  # noqa: E402
+from ppl.models import gemma3_path, load, smollm2_path  # noqa: E402
 from ppl.models.constraints import lipogram  # noqa: E402
 from ppl.models.tokenizer import Tokenizer  # noqa: E402
 
@@ -334,6 +335,12 @@ def main() -> None:
     parser.add_argument("--ppl-seeds", type=int, default=None, help="ppl runs per N (default 4 × seeds)")
     parser.add_argument("--profile", action="store_true", help="also time ppl SMC variants at N = 64")
     parser.add_argument(
+        "--model",
+        default="smollm2",
+        metavar="smollm2|gemma3|PATH",
+        help="the LM of both systems: SmolLM2-135M-Instruct (default), Gemma 3 270M, a GGUF file or HF directory",
+    )
+    parser.add_argument(
         "--packed", action="store_true", help="ppl on the GGUF's blocks kept packed (default: dequantised at load)"
     )
     parser.add_argument(
@@ -344,8 +351,8 @@ def main() -> None:
     seeds = args.seeds or (2 if args.quick else 5)
     ppl_seeds = args.ppl_seeds or (4 if args.quick else 4 * seeds)
 
-    path = smollm2_path()
-    lm, tok = load_gguf(path, quantized=args.packed), Tokenizer.from_gguf(path)
+    path = {"smollm2": smollm2_path, "gemma3": gemma3_path}.get(args.model, lambda: Path(args.model))()
+    lm, tok = load(path, quantized=args.packed)
     prompt_ids = tok.encode(PROMPT)
     prompt = jnp.asarray(prompt_ids, jnp.int32)
     constraint = lipogram("e", tok)
@@ -403,7 +410,7 @@ def main() -> None:
     print()
     print(machine_line())
     print(
-        f"SmolLM2-135M-Instruct (ppl: {'packed Q4_1/Q8_0' if args.packed else 'fp32'} weights; HF: fp32), "
+        f"{args.model} (ppl: {'packed GGUF blocks' if args.packed else 'fp32'} weights; HF: fp32), "
         f"lipogram (no 'e'), T={NEW_TOKENS}, systematic resampling at ESS < "
         f"{ESS_THRESHOLD} N; {seeds} LLaMPPL / {ppl_seeds} ppl runs per N"
     )

@@ -4,8 +4,10 @@ the embedded SmolLM2 default (``ppl.models.smollm2()``), token-level constraints
 and toy models with exact answers (``ppl.models.toy``)."""
 
 from ppl.models import constraints, grammar, quant, toy
+from ppl.models.checkpoints import load, load_model
 from ppl.models.constraints import TokenDFA
-from ppl.models.embedded import smollm2, smollm2_path
+from ppl.models.embedded import gemma3, gemma3_path, smollm2, smollm2_path
+from ppl.models.gemma import Gemma3, Gemma3Config
 from ppl.models.grammar import HostConstraint
 from ppl.models.heads import ProposalHead, TwistHead, with_twist
 from ppl.models.llama import KVCache, Llama, LlamaConfig
@@ -25,6 +27,8 @@ __all__ = [
     "available_memory",
     "check_memory",
     "estimate_memory",
+    "Gemma3",
+    "Gemma3Config",
     "KVCache",
     "Llama",
     "LlamaConfig",
@@ -32,7 +36,11 @@ __all__ = [
     "TokenDFA",
     "Tokenizer",
     "constraints",
+    "gemma3",
+    "gemma3_path",
     "grammar",
+    "load",
+    "load_model",
     "quant",
     "load_gguf",
     "load_hf_checkpoint",

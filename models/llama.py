@@ -50,7 +50,8 @@ class LlamaConfig:
     (``factor``) or ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
     ``original_max_position_embeddings``). ``attention_bias`` adds biases to q/k/v (Qwen2;
     Llama's ``attention_bias`` also sets ``output_bias``). ``sliding_window`` (Mistral) limits
-    each query to the last ``sliding_window`` positions, itself included.
+    each query to the last ``sliding_window`` positions, itself included. ``qk_norm`` (Qwen3)
+    RMS-normalises each query and key head before the rotation.
     """
 
     vocab_size: int
@@ -67,6 +68,7 @@ class LlamaConfig:
     attention_bias: bool = False
     output_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -200,6 +202,8 @@ class LayerStack(eqx.Module):
     mlp_norm: Float[Array, "L d"]
     gate_up: Weight  # [L, 2 ffn, d]; rows: gate, then up
     down: Weight  # [L, d, ffn]
+    q_norm: Float[Array, "L hd"] | None = None  # per-head query / key RMSNorms (``qk_norm``)
+    k_norm: Float[Array, "L hd"] | None = None
 
 
 class Llama(eqx.Module):
@@ -363,6 +367,8 @@ class Llama(eqx.Module):
             mlp_norm=stacked(lambda p: tensor(p + "post_attention_layernorm.weight")),
             gate_up=stacked(lambda p: quant.concatenate([tensor(p + f"mlp.{k}_proj.weight") for k in ("gate", "up")])),
             down=stacked(lambda p: tensor(p + "mlp.down_proj.weight")),
+            q_norm=stacked(lambda p: tensor(p + "self_attn.q_norm.weight")) if c.qk_norm else None,
+            k_norm=stacked(lambda p: tensor(p + "self_attn.k_norm.weight")) if c.qk_norm else None,
         )
         embed = quant.to_device(tensor("model.embed_tokens.weight"), dtype)
         if embed.shape != (c.vocab_size, c.hidden_size):
@@ -405,25 +411,19 @@ def _cache_writer(positions: Int[Array, "B T"]):
 def _decoder_layer(c: LlamaConfig, w: LayerStack, index, x, keys, values, rope, visible, write):
     """One pre-norm block on ``x [B, T, d]``; writes this layer's new keys/values into the cache."""
     batch, steps, _ = x.shape
-    kv, groups, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+    kv, hd = c.num_kv_heads, c.head_dim
 
     qkv = quant.linear(_rms_norm(x, w.attn_norm, c.rms_norm_eps), w.qkv)
     if w.qkv_bias is not None:
         qkv = qkv + w.qkv_bias
     q, k, v = jnp.split(qkv, [c.num_heads * hd, (c.num_heads + kv) * hd], axis=-1)
-    q = _rotate(q.reshape(batch, steps, c.num_heads, hd), rope)
-    k = _rotate(k.reshape(batch, steps, kv, hd), rope)
+    q, k = q.reshape(batch, steps, c.num_heads, hd), k.reshape(batch, steps, kv, hd)
+    if w.q_norm is not None:
+        q, k = _rms_norm(q, w.q_norm, c.rms_norm_eps), _rms_norm(k, w.k_norm, c.rms_norm_eps)
+    q, k = _rotate(q, rope), _rotate(k, rope)
     keys = write(keys, index, k)
     values = write(values, index, v.reshape(batch, steps, kv, hd))
-
-    # Attend over all max_len slots of this layer, masking the ones not yet visible. Queries are
-    # laid out [B, kv_heads, T*groups, hd] so that for decode (T=1) no transpose is needed.
-    q = q.reshape(batch, steps, kv, groups, hd).transpose(0, 2, 1, 3, 4).reshape(batch, kv, steps * groups, hd)
-    scores = jnp.einsum("bkqh,bskh->bkqs", q, keys[index], preferred_element_type=jnp.float32)
-    scores = jnp.where(visible, scores / math.sqrt(hd), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    attended = jnp.einsum("bkqs,bskh->bkqh", probs, values[index])
-    attended = attended.reshape(batch, kv, steps, groups, hd).transpose(0, 2, 1, 3, 4).reshape(batch, steps, -1)
+    attended = _attention(q, keys[index], values[index], visible, 1 / math.sqrt(hd))
     attended = quant.linear(attended, w.out)
     if w.out_bias is not None:
         attended = attended + w.out_bias
@@ -431,3 +431,20 @@ def _decoder_layer(c: LlamaConfig, w: LayerStack, index, x, keys, values, rope, 
 
     gate, up = jnp.split(quant.linear(_rms_norm(h, w.mlp_norm, c.rms_norm_eps), w.gate_up), 2, axis=-1)
     return h + quant.linear(jax.nn.silu(gate) * up, w.down), keys, values
+
+
+def _attention(
+    q: Float[Array, "B T heads hd"], keys: Float[Array, "B S kv hd"], values: Float[Array, "B S kv hd"], visible, scale
+) -> Float[Array, "B T heads*hd"]:
+    """Grouped-query attention of ``q`` over all ``S`` cached slots of one layer, masking the
+    slots ``visible`` (``[B, 1, T*groups, S]``) rules out."""
+    batch, steps, heads, hd = q.shape
+    kv = keys.shape[2]
+    groups = heads // kv
+    # Queries are laid out [B, kv_heads, T*groups, hd] so that for decode (T=1) no transpose is needed.
+    q = q.reshape(batch, steps, kv, groups, hd).transpose(0, 2, 1, 3, 4).reshape(batch, kv, steps * groups, hd)
+    scores = jnp.einsum("bkqh,bskh->bkqs", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible, scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    attended = jnp.einsum("bkqs,bskh->bkqh", probs, values)
+    return attended.reshape(batch, kv, steps, groups, hd).transpose(0, 2, 1, 3, 4).reshape(batch, steps, -1)

@@ -58,6 +58,8 @@ _HF_TO_GGUF_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     **{f"mlp.{k}_proj.weight": f"ffn_{k}.weight" for k in ("gate", "up", "down")},
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     **{
         f"self_attn.{h}_proj.{p}": f"attn_{g}.{p}"
         for h, g in [("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")]
@@ -217,10 +219,11 @@ def dequantize(tensor: GGUFTensor, path: Any = "<gguf>") -> np.ndarray:
 
 
 def gguf_config(file: GGUFFile) -> LlamaConfig:
-    """The model config from a GGUF file's ``{arch}.*`` metadata (arch ``llama`` or ``qwen2``)."""
+    """The model config from a GGUF file's ``{arch}.*`` metadata (arch ``llama``, ``qwen2``, ``qwen3``)."""
     arch = _metadata(file, "general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise CheckpointError(f"{file.path}: architecture {arch!r} is not supported (llama, qwen2)")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        also = "; ppl.models.load reads gemma3 files" if arch == "gemma3" else ""
+        raise CheckpointError(f"{file.path}: architecture {arch!r} is not supported (llama, qwen2, qwen3){also}")
     get = lambda key, default=...: _metadata(file, f"{arch}.{key}", default)
     heads = get("attention.head_count")
     hidden = get("embedding_length")
@@ -246,6 +249,7 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
         tie_embeddings="output.weight" not in file.tensors,
         attention_bias="blk.0.attn_q.bias" in file.tensors,
         output_bias="blk.0.attn_output.bias" in file.tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in file.tensors,
     )
 
 
@@ -321,15 +325,16 @@ def _tensor(file: GGUFFile, name: str) -> GGUFTensor:
 
 # -- HF checkpoint directories (safetensors + config.json) --------------------------------
 
-_HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+_HF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
 def hf_config(config: Mapping[str, Any], path: Any = "<config.json>") -> LlamaConfig:
-    """A :class:`LlamaConfig` from an HF ``config.json`` dict (Llama, Mistral, Qwen2)."""
+    """A :class:`LlamaConfig` from an HF ``config.json`` dict (Llama, Mistral, Qwen2, Qwen3)."""
     kind = config.get("model_type")
     if kind not in _HF_ARCHITECTURES:
-        raise CheckpointError(f"{path}: model_type {kind!r} is not supported ({', '.join(_HF_ARCHITECTURES)})")
+        also = "; ppl.models.load reads gemma3_text" if kind == "gemma3_text" else ""
+        raise CheckpointError(f"{path}: model_type {kind!r} is not supported ({', '.join(_HF_ARCHITECTURES)}){also}")
     if config.get("mlp_bias"):
         raise CheckpointError(f"{path}: mlp_bias=true is not supported")
     if config.get("use_sliding_window"):
@@ -357,12 +362,15 @@ def hf_config(config: Mapping[str, Any], path: Any = "<config.json>") -> LlamaCo
         attention_bias=kind == "qwen2" or bool(config.get("attention_bias")),
         output_bias=kind == "llama" and bool(config.get("attention_bias")),
         sliding_window=config.get("sliding_window") if kind == "mistral" else None,
+        qk_norm=kind == "qwen3",
     )
 
 
 def hf_config_dict(config: LlamaConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict of ``config`` (the inverse of :func:`hf_config`)."""
-    if config.attention_bias and not config.output_bias:
+    if config.qk_norm:
+        model_type = "qwen3"
+    elif config.attention_bias and not config.output_bias:
         model_type = "qwen2"
     elif config.sliding_window is not None:
         model_type = "mistral"
@@ -383,7 +391,7 @@ def hf_config_dict(config: LlamaConfig) -> dict[str, Any]:
         "rope_parameters": rope,
         "tie_word_embeddings": config.tie_embeddings,
         "sliding_window": config.sliding_window,
-        **({"attention_bias": config.attention_bias} if model_type == "llama" else {}),
+        **({"attention_bias": config.attention_bias} if model_type in ("llama", "qwen3") else {}),
     }
 
 
@@ -397,6 +405,13 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype: jnp.dtype = jnp.floa
         raise CheckpointError(f"{config_path}: cannot read the config: {error}") from error
     except (KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{config_path}: malformed config ({type(error).__name__}: {error})") from error
+    return Llama.from_hf_tensors(
+        config, checked_tensors(config, directory_tensors(directory), directory, CheckpointError), dtype
+    )
+
+
+def directory_tensors(directory: Path) -> Callable[[str], np.ndarray]:
+    """Name → float32 tensor over every ``*.safetensors`` file of an HF checkpoint directory."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors files")
@@ -409,7 +424,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, dtype: jnp.dtype = jnp.floa
             raise CheckpointError(f"{directory}: tensor {name!r} is missing")
         return tensors[name]()
 
-    return Llama.from_hf_tensors(config, checked_tensors(config, tensor, directory, CheckpointError), dtype)
+    return tensor
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, Callable[[], np.ndarray]]:

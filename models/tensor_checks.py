@@ -15,12 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from ppl.models.gemma import Gemma3Config
 from ppl.models.llama import LlamaConfig
 from ppl.models.quant import nonfinite
 
 
-def make_config(path: Any, error: type[Exception], **fields: Any) -> LlamaConfig:
-    """A :class:`LlamaConfig` from raw header values, refusing non-positive sizes, non-finite
+def make_config(
+    path: Any, error: type[Exception], config_class: type[LlamaConfig] = LlamaConfig, **fields: Any
+) -> LlamaConfig:
+    """A ``config_class`` (a :class:`LlamaConfig`) from raw header values, refusing non-positive sizes, non-finite
     constants and inconsistent head counts with ``error`` naming ``path``."""
     for name in (
         "vocab_size",
@@ -41,7 +44,7 @@ def make_config(path: Any, error: type[Exception], **fields: Any) -> LlamaConfig
             raise error(f"{path}: {name}={value!r} is not a positive finite number")
         fields[name] = float(value)
     try:
-        return LlamaConfig(**fields)
+        return config_class(**fields)
     except (ValueError, TypeError) as problem:
         raise error(f"{path}: inconsistent config: {problem}") from problem
 
@@ -68,6 +71,10 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
     if c.output_bias:
         layer["self_attn.o_proj.bias"] = (c.hidden_size,)
+    if c.qk_norm:
+        layer |= {"self_attn.q_norm.weight": (c.head_dim,), "self_attn.k_norm.weight": (c.head_dim,)}
+    if isinstance(c, Gemma3Config):
+        layer |= {f"{norm}_feedforward_layernorm.weight": (c.hidden_size,) for norm in ("pre", "post")}
     for i in range(c.num_layers):
         shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
     return shapes

@@ -29,12 +29,14 @@ here, each reproducing the ``tokenizer.json`` its model family publishes.
 from __future__ import annotations
 
 import codecs
+import copy
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -119,7 +121,8 @@ PRE_TOKENIZER_FLAVOURS: dict[str, Flavour] = {
 # --- GGUF metadata -----------------------------------------------------------------------------
 
 # llama.cpp token types (``tokenizer.ggml.token_type``).
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_NORMAL, _CONTROL, _USER_DEFINED, _BYTE = 1, 3, 4, 6
+_SPACE = "\u2581"  # SentencePiece writes a space as "▁"
 
 
 def _gguf_metadata(path: Path) -> dict[str, Any]:
@@ -140,8 +143,13 @@ def _require(metadata: dict[str, Any], key: str, path: Path) -> Any:
 
 def _backend_from_gguf(metadata: dict[str, Any], path: Path) -> tokenizers.Tokenizer:
     kind = _require(metadata, "tokenizer.ggml.model", path)
+    if kind == "llama":
+        return _sentencepiece_backend_from_gguf(metadata, path)
     if kind != "gpt2":
-        raise ValueError(f"GGUF file {path} has a {kind!r} tokenizer; only byte-level BPE ('gpt2') is supported")
+        raise ValueError(
+            f"GGUF file {path} has a {kind!r} tokenizer; only byte-level BPE ('gpt2') and "
+            "SentencePiece BPE ('llama') are supported"
+        )
     pre = metadata.get("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZER_FLAVOURS:
         raise ValueError(
@@ -166,6 +174,56 @@ def _backend_from_gguf(metadata: dict[str, Any], path: Path) -> tokenizers.Token
     backend.normalizer = normalizers.NFC() if flavour.nfc else None
     backend.pre_tokenizer = flavour.pre_tokenizer()
     backend.decoder = decoders.ByteLevel()
+    _add_special_tokens(backend, metadata, tokens, types)
+    return backend
+
+
+def _sentencepiece_backend_from_gguf(metadata: dict[str, Any], path: Path) -> tokenizers.Tokenizer:
+    """A SentencePiece BPE tokenizer (Llama 2, Gemma) from its pieces and scores.
+
+    SentencePiece BPE repeatedly merges the adjacent pair of pieces whose union is the
+    best-scored piece, so the BPE merge list is every split ``(left, right)`` of every piece into
+    two pieces, ordered by the whole piece's score. Text is spelled with "▁" for spaces;
+    characters no piece covers fall back to the ``<0xNN>`` byte pieces.
+    """
+    tokens: list[str] = _require(metadata, "tokenizer.ggml.tokens", path)
+    scores: list[float] = _require(metadata, "tokenizer.ggml.scores", path)
+    types: list[int] = metadata.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
+    vocab = {token: token_id for token_id, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(f"GGUF file {path}: the vocabulary spells some piece twice")
+    mergeable = {
+        token for token, token_type in zip(tokens, types, strict=True) if token_type in (_NORMAL, _USER_DEFINED)
+    }
+    by_score = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    merges = [
+        (token[:cut], token[cut:])
+        for token in (tokens[i] for i in by_score)
+        if token in mergeable
+        for cut in range(1, len(token))
+        if token[:cut] in mergeable and token[cut:] in mergeable
+    ]
+    unknown = metadata.get("tokenizer.ggml.unknown_token_id")
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab,
+            merges,
+            byte_fallback=True,
+            fuse_unk=True,
+            unk_token=tokens[unknown] if unknown is not None else None,
+        )
+    )
+    prefix = [normalizers.Prepend(_SPACE)] if metadata.get("tokenizer.ggml.add_space_prefix", False) else []
+    backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", _SPACE)])
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    _add_special_tokens(backend, metadata, tokens, types)
+    return backend
+
+
+def _add_special_tokens(
+    backend: tokenizers.Tokenizer, metadata: dict[str, Any], tokens: list[str], types: list[int]
+) -> None:
+    """Control and user-defined tokens matched as written, and the BOS the model wants first."""
     backend.add_tokens(
         [
             AddedToken(token, special=token_type == _CONTROL, normalized=False)
@@ -178,7 +236,6 @@ def _backend_from_gguf(metadata: dict[str, Any], path: Path) -> tokenizers.Token
         backend.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)]
         )
-    return backend
 
 
 # --- tokenizer.json + tokenizer_config.json ----------------------------------------------------
@@ -203,10 +260,13 @@ def _chat_template_beside(config: dict[str, Any], folder: Path) -> str | None:
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer with the model's special tokens and chat template.
+    """A BPE tokenizer (byte-level, or SentencePiece with byte fallback) with the model's
+    special tokens and chat template.
 
     Satisfies ``ppl.lm.Tokenizer``. Build one with ``from_gguf`` or ``from_file``; the
-    constructor takes an already configured ``tokenizers.Tokenizer`` whose decoder is byte-level.
+    constructor takes an already configured ``tokenizers.Tokenizer`` whose decoder is
+    byte-level, or a BPE model with ``byte_fallback`` (SentencePiece: a token ``▁the`` stands
+    for `` the``, ``<0x0A>`` for the byte 0x0A).
     """
 
     def __init__(
@@ -217,8 +277,12 @@ class Tokenizer:
         bos_token_id: int | None = None,
         chat_template: str | None = None,
     ) -> None:
-        if not isinstance(backend.decoder, decoders.ByteLevel):
-            raise ValueError(f"only byte-level BPE tokenizers are supported; this one decodes with {backend.decoder!r}")
+        self._sentencepiece = not isinstance(backend.decoder, decoders.ByteLevel)
+        if self._sentencepiece and not getattr(backend.model, "byte_fallback", False):
+            raise ValueError(
+                "only byte-level BPE and SentencePiece BPE (byte_fallback) tokenizers are supported; "
+                f"this one decodes with {backend.decoder!r}"
+            )
         self.backend = backend
         """The underlying ``tokenizers.Tokenizer``."""
         self.eos_token_id = eos_token_id
@@ -237,6 +301,9 @@ class Tokenizer:
         if token_id in added:
             return added[token_id].content.encode("utf-8")
         token = self.backend.id_to_token(token_id)
+        if self._sentencepiece and token is not None:
+            is_byte = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+            return bytes([int(token[3:5], 16)]) if is_byte else token.replace(_SPACE, " ").encode("utf-8")
         if token is None or not _is_spelled(token):
             raise ValueError(f"token {token_id} ({token!r}) is not a byte-level BPE token")
         return bytes(_UNSPELLING[char] for char in token)
@@ -283,6 +350,19 @@ class Tokenizer:
             bos_token_id=backend.token_to_id(bos_token) if bos_token else None,
             chat_template=_chat_template_beside(config, path.parent),
         )
+
+    def padded(self, vocab_size: int) -> Tokenizer:
+        """This tokenizer with ids up to ``vocab_size``: the extra ids (a model's embedding
+        padding) are special tokens that spell nothing, so constraints never allow them."""
+        if vocab_size < self.vocab_size:
+            raise ValueError(f"cannot pad a vocabulary of {self.vocab_size} down to {vocab_size}")
+        if vocab_size == self.vocab_size:
+            return self
+        padded = copy.copy(self)
+        padding = [b""] * (vocab_size - self.vocab_size)
+        padded._text_bytes, padded._vocab_bytes = self._text_bytes + padding, self._vocab_bytes + padding
+        padded.special_ids = self.special_ids | frozenset(range(self.vocab_size, vocab_size))
+        return padded
 
     @property
     def vocab_size(self) -> int:

@@ -1,4 +1,5 @@
-"""``ppl steer``: constrained, reward-guided generation with the embedded SmolLM2 from a shell.
+"""``ppl steer``: constrained, reward-guided generation with an LM from a shell (the embedded
+SmolLM2 by default; ``--model gemma3`` or ``--model PATH`` for any checkpoint ``ppl.models.load`` reads).
 
     ppl steer "Describe the sea to a child in one sentence." --max-word-length 5
 
@@ -14,6 +15,7 @@ rest of ``ppl/`` it imports ``ppl.models`` and ``ppl.inference`` (lazily, inside
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -31,6 +33,8 @@ examples (one per constraint kind; flags combine, their constraints intersect):
   ppl steer "When did the Berlin Wall fall? Answer with a date." --regex "[0-9]{4}-[0-9]{2}-[0-9]{2}"
   ppl steer "Describe your day." --reward sentiment --beta 0.2      (needs: pip install 'ppl-jax[scorers]')
   ppl steer "Write a haiku about rain." --no-letter e --json > out.json
+  ppl steer "Write one sentence about a cat." --no-letter e --model gemma3
+  ppl steer "Name a colour." --model ./Qwen3-0.6B      (a GGUF file or an HF directory)
 
 log Z estimates the log of the probability mass the LM puts on answers that satisfy the
 constraints (weighted by the rewards); ESS is how many independent samples the final weighted
@@ -73,12 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     steer = commands.add_parser(
         "steer",
         help="sample from the LM conditioned on constraints and rewards (SMC)",
-        description="Posterior samples of SmolLM2-135M-Instruct's answer to PROMPT under hard "
-        "constraints and rewards, by sequential Monte Carlo.",
+        description="Posterior samples of an LM's answer to PROMPT under hard constraints and "
+        "rewards, by sequential Monte Carlo.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     steer.add_argument("prompt", help="the user message (the chat template is applied)")
+    steer.add_argument(
+        "--model",
+        default="smollm2",
+        metavar="smollm2|gemma3|PATH",
+        help="SmolLM2-135M-Instruct (default), Gemma 3 270M, or a GGUF file / HF checkpoint directory",
+    )
     steer.add_argument("--particles", type=int, default=16, help="number of SMC particles (default 16)")
     steer.add_argument("--max-tokens", type=int, default=32, help="new-token budget (default 32)")
     steer.add_argument("--no-letter", default="", metavar="LETTERS", help="lipogram: forbid these letters")
@@ -132,20 +142,21 @@ def _potentials(args: argparse.Namespace, tokenizer) -> list:
 
 
 def steer(args: argparse.Namespace, started: float) -> int:
-    """Run ``ppl steer``: load SmolLM2, build the program, run SMC, print the report."""
+    """Run ``ppl steer``: load the model, build the program, run SMC, print the report."""
     import jax
     import numpy as np
 
     import ppl
     from ppl.distributions import check_prompt
     from ppl.inference import smc
-    from ppl.models import InsufficientMemoryError, check_memory, smollm2
+    from ppl.models import InsufficientMemoryError, check_memory
 
     if not args.no_cache:
         ppl.enable_compilation_cache(args.cache_dir)
     _COMPILE_CLOCK.install()
-    print("loading SmolLM2-135M-Instruct ...", file=sys.stderr)
-    lm, tokenizer = smollm2()
+    lm, tokenizer = load_model(args.model)
+    if not args.raw:
+        tokenizer = _ending_turns(tokenizer)
     if args.raw:
         prompt = tokenizer.encode(args.prompt)
     else:
@@ -206,6 +217,32 @@ def steer(args: argparse.Namespace, started: float) -> int:
     if args.json or not report["all_dead"]:
         print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["all_dead"] else 0
+
+
+def load_model(name: str) -> tuple[Any, Any]:
+    """``--model``: ``smollm2``, ``gemma3``, or a path for :func:`ppl.models.load`; a path that
+    cannot be loaded exits with the loader's message."""
+    from ppl.models import CheckpointError, gemma3, load, smollm2
+
+    named = {"smollm2": ("SmolLM2-135M-Instruct", smollm2), "gemma3": ("Gemma 3 270M", gemma3)}
+    title, loader = named.get(name, (name, lambda: load(name)))
+    print(f"loading {title} ...", file=sys.stderr)
+    try:
+        return loader()
+    except (CheckpointError, ModuleNotFoundError) as error:
+        raise SystemExit(f"ppl steer: --model {name}: {error}") from None
+
+
+def _ending_turns(tokenizer: Any) -> Any:
+    """The tokenizer whose EOS ends a chat answer: Gemma closes a turn with ``<end_of_turn>``
+    and keeps ``<eos>`` for the end of a document (other templates end turns with their EOS).
+    Constraints read EOS from the tokenizer, so it is swapped there, on a copy."""
+    end_of_turn = tokenizer.backend.token_to_id("<end_of_turn>")
+    if end_of_turn is None:
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.eos_token_id = end_of_turn
+    return tokenizer
 
 
 def _too_short(args: argparse.Namespace, constraint) -> bool:

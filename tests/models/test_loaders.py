@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppl.models import CheckpointError, LlamaConfig, load_gguf, load_hf_checkpoint
+from ppl.models import CheckpointError, LlamaConfig, load_gguf, load_model
 from ppl.models.loaders import GGUF_TYPES, dequantize, gguf_config, hf_config, hf_config_dict, read_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -209,12 +209,12 @@ def test_safetensors_errors(tiny_pair, tmp_path):
     data = (directory / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
-        load_hf_checkpoint(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(data[:8] + b"{not json" + data[17:])
     with pytest.raises(CheckpointError, match="model.safetensors.*not JSON"):
-        load_hf_checkpoint(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(data)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
     with pytest.raises(CheckpointError, match="config.json.*gemma"):
-        load_hf_checkpoint(tmp_path)
+        load_model(tmp_path)

@@ -579,9 +579,12 @@ def test_from_gguf_errors(tok, tmp_path):
         Tokenizer.from_gguf(_write_gguf(tmp_path / "none.gguf"))
     with pytest.raises(ValueError, match="'mystery'"):
         Tokenizer.from_gguf(_write_gguf(tmp_path / "pre.gguf", **_toy_metadata(tok, "mystery")))
-    with pytest.raises(ValueError, match="'llama' tokenizer"):
+    with pytest.raises(ValueError, match="'tokenizer.ggml.scores'"):  # SentencePiece needs piece scores
         sentencepiece = {**_toy_metadata(tok, "gpt2"), "tokenizer_model": "llama"}
         Tokenizer.from_gguf(_write_gguf(tmp_path / "spm.gguf", **sentencepiece))
+    with pytest.raises(ValueError, match="'rwkv' tokenizer"):
+        other = {**_toy_metadata(tok, "gpt2"), "tokenizer_model": "rwkv"}
+        Tokenizer.from_gguf(_write_gguf(tmp_path / "rwkv.gguf", **other))
     assert {"smollm", "llama-bpe", "qwen2", "gpt2"} <= PRE_TOKENIZER_FLAVOURS.keys()
 
 
