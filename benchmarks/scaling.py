@@ -189,8 +189,8 @@ def main(argv=None) -> int:
                     with open(args.records, "a") as out:
                         out.writelines(json.dumps(r) + "\n" for r in new)
         print(f"# problem {index} done, {time.perf_counter() - started:.0f} s so far", flush=True)
-    summarize(records, budgets)
     print(f"# total {time.perf_counter() - started:.0f} s")
+    summarize(records, budgets)
     return 0
 
 

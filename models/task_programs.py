@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ppl
+from ppl.distributions import check_prompt
 from ppl.models import tasks
 from ppl.models.constraints import delimiter_tokens, regex
 from ppl.models.process_rewards import Verifier, VerifierReward, verifier_reward
@@ -69,6 +70,7 @@ class TaskPrograms:
             raise ValueError("the problem set is empty")
         reward = verifier_reward(tuple(problems), verifier, tokenizer.decode, **reward_options)
         prompts = padded_prompts(problems, tokenizer)
+        check_prompt(prompts[0], max_new_tokens, max_len)  # before compiling the constraint
         template = ppl.Generation(
             lm,
             jnp.asarray(prompts[0]),
