@@ -93,6 +93,28 @@ def solve(suite, problems, index, budget, algorithm, args) -> list[dict]:
         if any(passed):
             precision = float(np.mean([r for r, p in zip(right, passed) if p]))
             records.append(dict(decision="verifier_precision", correct=precision, **extra))
+        records += ceiling_records(problem, texts, right, args, extra)
+    return records
+
+
+def ceiling_records(problem, texts, right, args, extra) -> list[dict]:
+    """The imperfect verifier's ceiling on this problem's samples: selecting among
+    infinitely many samples by "the noisy verifier passes every step" is right with
+    probability ``sum_x right(x) P(pass | x) / sum_x P(pass | x)`` over the sample law, where
+    ``P(pass | x) = prod_steps (1 - FN if the step is right else FP)`` (predicted, from the
+    exact verdicts and the rates), and the hashed verifier's actual verdicts give the measured
+    precision on the same samples."""
+    fp, fn = args.false_positive, args.false_negative
+    noisy = NoisyVerifier(fp, fn, seed=args.verifier_seed)
+    p_pass = np.array([np.prod([(1 - fn) if v else fp for v in tasks.step_verdicts(problem, t)]) for t in texts])
+    records = []
+    if p_pass.sum() > 0:
+        predicted = float(np.dot(right, p_pass) / p_pass.sum())
+        records.append(dict(decision="noisy_ceiling_predicted", correct=predicted, **extra))
+    passed = [all(v >= 0.5 for v in noisy(problem, t)) for t in texts]
+    if any(passed):
+        measured = float(np.mean([r for r, p in zip(right, passed) if p]))
+        records.append(dict(decision="noisy_precision_measured", correct=measured, **extra))
     return records
 
 
