@@ -18,9 +18,10 @@ steps, evaluated after each chunk on the prefix ``x_{1:t}``:
    ``"log"``: ``log psi_t = log R_t / tau``, the Bernoulli likelihood of the observation "the
    step is good" (``R = 0`` kills the particle); ``"logit"``: ``log psi_t = logit(R_t) / tau``,
    so that the weights normalised over particles are the *softmax of the logits* that Puri et
-   al. resample with, ``w_i ∝ (R_i / (1 - R_i))^(1/tau)``. ``floor`` clips ``R`` into
-   ``[floor, 1 - floor]`` first (a soft verifier: a failed step costs ``log floor`` instead
-   of killing).
+   al. resample with, ``w_i ∝ (R_i / (1 - R_i))^(1/tau)``. ``floor`` makes the verifier soft:
+   each *step's* score is clipped into ``[floor, 1]`` (``[floor, 1 - floor]`` under the logit
+   link, which needs ``R < 1``) before aggregating, so a failed step costs a factor ``floor``
+   instead of killing the particle.
 3. **Weighting** (:func:`ppl.rewards.incremental`), which fixes ``G_t`` and the target
    ``p_LM(x) · prod_t G_t``: ratio weighting (the default) gives ``G_t = psi_t / psi_{t-1}``,
    so the target is ``p_LM(x) · psi_T`` -- the aggregate of the *finished* solution -- and
@@ -128,9 +129,9 @@ def predicted_ceiling(base_precision: float, false_positive: float, false_negati
     return right / (right + wrong) if right + wrong > 0 else 0.0
 
 
-def _aggregate(scores: Sequence[float], aggregate: str) -> float:
+def _aggregate(scores: Sequence[float], aggregate: str, empty: float) -> float:
     if not scores:
-        return 1.0  # nothing judged yet: no evidence
+        return empty  # nothing judged yet: no failed step
     if aggregate == "product":
         return float(np.prod(scores))
     if aggregate == "min" or aggregate == "model":
@@ -161,6 +162,8 @@ class HostVerifier:
     aggregate: str
     delimiter: str
     failures: Failures
+    low: float = 0.0  # each step score is clipped into [low, high] (the floor)
+    high: float = 1.0
 
     def __call__(self, problem, tokens, lengths, done) -> np.ndarray:
         shape = np.shape(lengths)
@@ -183,7 +186,7 @@ class HostVerifier:
             return self._fail(f"returned {len(scores)} scores for {expected} steps", index, text)
         if not all(0.0 <= s <= 1.0 for s in scores):  # NaN fails this too
             return self._fail(f"returned scores {scores}, not all in [0, 1]", index, text)
-        return _aggregate(scores, self.aggregate)
+        return _aggregate([min(max(s, self.low), self.high) for s in scores], self.aggregate, self.high)
 
     def _fail(self, what: str, index: int, text: str) -> float:
         self.failures.count += 1
@@ -200,7 +203,6 @@ class VerifierReward(eqx.Module):
     temperature: Float[Array, ""]
     host: HostVerifier = eqx.field(static=True)
     link: str = eqx.field(static=True)
-    floor: float = eqx.field(static=True)
 
     def __call__(
         self, tokens: Int[Array, "N T"], lengths: Int[Array, " N"], done: Bool[Array, " N"]
@@ -208,7 +210,7 @@ class VerifierReward(eqx.Module):
         result = jax.ShapeDtypeStruct(lengths.shape, jnp.float32)
         problem = jnp.broadcast_to(self.problem, lengths.shape)
         score = jax.pure_callback(self.host, result, problem, tokens, lengths, done, vmap_method="broadcast_all")
-        return link_log_psi(score, self.link, self.temperature, self.floor)
+        return link_log_psi(score, self.link, self.temperature, 0.0)  # the host applied the floor
 
     def for_problem(self, index: int | Int[Array, ""]) -> VerifierReward:
         """The same reward on problem ``index`` of the set (same compiled program)."""
@@ -260,10 +262,9 @@ def verifier_reward(
         raise ValueError("the logit link needs floor > 0 (logit(0) and logit(1) are infinite)")
     if not 0 <= problem < len(problems):
         raise ValueError(f"problem index {problem} is outside the set of {len(problems)} problems")
-    host = HostVerifier(tuple(problems), verifier, decode, aggregate, delimiter, Failures())
-    return VerifierReward(
-        jnp.asarray(problem, jnp.int32), jnp.asarray(temperature, jnp.float32), host, link, float(floor)
-    )
+    high = 1.0 - floor if link == "logit" else 1.0
+    host = HostVerifier(tuple(problems), verifier, decode, aggregate, delimiter, Failures(), float(floor), high)
+    return VerifierReward(jnp.asarray(problem, jnp.int32), jnp.asarray(temperature, jnp.float32), host, link)
 
 
 def weighted(potential: Any, weighting: Literal["ratio", "product"] = "ratio") -> Incremental:

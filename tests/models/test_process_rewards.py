@@ -88,3 +88,16 @@ def test_prompts_share_one_length_and_a_short_buffer_is_a_clear_error(tokenizer)
     assert tokenizer.decode(prompts[0].tolist()).endswith(tasks.few_shot_prompt(problems[0]))
     with pytest.raises(ValueError, match="longer than the buffer max_len=100"):
         TaskPrograms.build(problems, None, tokenizer, max_len=100)
+
+
+def test_the_floor_softens_each_failed_step():
+    exact = tasks.step_verdicts
+    log_reward = verifier_reward((PROBLEM,), exact, str, aggregate="product", floor=0.05)
+    assert log_reward.host.score(0, GOOD_BAD_GOOD, True) == pytest.approx(0.05)  # 1 · 0.05 · 1
+    two_bad = "19 + 5 = 25\n25 - 21 = 4\n"
+    assert log_reward.host.score(0, two_bad, True) == pytest.approx(0.05**2)  # every failure counts
+    logit_reward = verifier_reward((PROBLEM,), exact, str, aggregate="last", link="logit", floor=0.05)
+    assert logit_reward.host.score(0, PROBLEM_SOLUTION, True) == pytest.approx(0.95)  # logit stays finite
+
+
+PROBLEM_SOLUTION = "19 + 5 = 24\n24 - 21 = 3\nAnswer: 3\n"
