@@ -91,7 +91,11 @@ def lm():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "weighting, options",
-    [("product", dict(aggregate="product")), ("ratio", dict(aggregate="model", link="logit", floor=0.05))],
+    [
+        ("product", dict(aggregate="product")),
+        # the same check for Puri et al.'s weighting (logit link, "model" score); CI time: heavy
+        pytest.param("ratio", dict(aggregate="model", link="logit", floor=0.05), marks=pytest.mark.heavy),
+    ],
 )
 def test_posterior_algorithms_are_unbiased_for_z(lm, weighting, options):
     program = toy_program(lm, weighting, **options)
@@ -107,11 +111,10 @@ def test_posterior_algorithms_are_unbiased_for_z(lm, weighting, options):
 @pytest.mark.slow
 def test_every_algorithm_runs_and_counts_its_budget(lm):
     program = toy_program(lm, "product", aggregate="product")
-    budgets = {}
     for algorithm in S.ALGORITHMS:
         result = S.search(program, jax.random.key(0), 8, algorithm, beam_width=2, reject_at=0)
         particles = result.smc.particles
-        budgets[algorithm] = tokens, calls = int(result.generated_tokens), int(result.forward_calls)
+        tokens, calls = int(result.generated_tokens), int(result.forward_calls)
         # the chunk barrier: a step decodes as long as its longest chunk, so calls can exceed
         # MAX_NEW; each call (but the prefill) decodes at most one token per particle
         assert 1 <= calls <= MAX_NEW * MAX_NEW + 1 and tokens <= 8 * (calls - 1)
@@ -119,8 +122,8 @@ def test_every_algorithm_runs_and_counts_its_budget(lm):
             assert tokens == int(np.sum(particles.length) + np.sum(particles.ended_with_eos))
         if algorithm == "tempered_particle_filter":
             assert np.all((np.asarray(result.temperatures) > 0) & (np.asarray(result.temperatures) <= 1))
-    # speculative rejection stops half the particles after the first step: fewer tokens
-    assert budgets["speculative_rejection"][0] < budgets["importance"][0]
+        if algorithm == "speculative_rejection":  # the worst half stopped after the first step
+            assert np.sum(np.isneginf(np.asarray(result.smc.log_weights))) >= 4
 
 
 def test_beam_and_dvts_select_by_score():
