@@ -44,6 +44,9 @@ fixed-shape batch pays for finished rows too) plus the one prompt prefill.
 best-scored particle (best-of-N, beam, DVTS, speculative rejection), the answer with most
 reward (weighted best-of-N: a reward-weighted majority vote), the most frequent answer
 (majority vote), or the answer with most posterior weight (the particle filters).
+
+**Particle Gibbs** (:func:`gibbs_search`) spends the budget as sweeps of conditional SMC; its
+answer is the majority over the chain's trajectories.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ppl.generation import Generation
+from ppl.inference.gibbs import particle_gibbs
 from ppl.inference.history import emitted
 from ppl.inference.kernel import (
     SMCInfo,
@@ -74,6 +78,7 @@ from ppl.inference.kernel import (
 from ppl.inference.particles import done
 from ppl.inference.resampling import get_resampler
 from ppl.inference.sequential import check_positive_int
+from ppl.inference.trajectories import replay
 from ppl.results import SMCResult
 
 SAMPLING = ("best_of_n", "weighted_best_of_n", "majority_vote")
@@ -304,6 +309,31 @@ def search(
     return result
 
 
+class GibbsSearchResult(NamedTuple):
+    """Particle Gibbs at a budget: the chain's trajectories replayed into particle states
+    (``particles``, one row per iteration, e.g. ``particles.tokens`` and ``.length``) and the
+    particle sweeps spent (``n_particles`` particles each: the first SMC run and every
+    conditional sweep)."""
+
+    particles: Any
+    sweeps: int
+
+
+def gibbs_search(program: Generation, key: PRNGKeyArray, budget: int, n_particles: int = 4) -> GibbsSearchResult:
+    """Particle Gibbs (:func:`ppl.inference.particle_gibbs`, conditional SMC without ancestor
+    sampling) with ``budget`` particles in all: ``budget // n_particles`` sweeps of
+    ``n_particles``, the first an ordinary SMC run. Its trajectories are draws from a Markov
+    chain that leaves the posterior invariant (no burn-in is dropped); :func:`decide` with
+    ``"particle_gibbs"`` takes the majority answer over them."""
+    check_program(program)
+    check_positive_int("n_particles", n_particles)
+    if budget < 2 * n_particles:
+        raise ValueError(f"particle Gibbs needs a budget of at least 2 sweeps of {n_particles} particles, got {budget}")
+    sweeps = budget // n_particles
+    chain = particle_gibbs(program, key, n_particles, sweeps - 1)
+    return GibbsSearchResult(replay(program, chain.samples).particles, sweeps)
+
+
 def decide(
     algorithm: str,
     answers: Sequence[Hashable | None],
@@ -319,7 +349,7 @@ def decide(
     if algorithm in ("best_of_n", "beam_search", "dvts", "speculative_rejection"):
         return answers[max(valid, key=lambda i: (scores[i], -i))]
     totals: dict[Hashable, float] = defaultdict(float)
-    if algorithm == "majority_vote":
+    if algorithm in ("majority_vote", "particle_gibbs"):
         mass = np.ones(len(answers))
     elif algorithm == "weighted_best_of_n":
         mass = np.exp(np.where(np.isfinite(scores), scores - scores[valid].max(), -np.inf))
@@ -334,12 +364,14 @@ __all__ = [
     "ALGORITHMS",
     "SAMPLING",
     "TARGETS_POSTERIOR",
+    "GibbsSearchResult",
     "Rule",
     "SearchResult",
     "beam_ancestors",
     "check_program",
     "decide",
     "dvts_ancestors",
+    "gibbs_search",
     "reward_scores",
     "rule_for",
     "run_search",

@@ -185,17 +185,24 @@ def test_verifier_failures_are_recorded_and_raised_with_the_text(verifier, messa
 
 def test_a_raising_verifier_stops_the_search_with_a_clear_error(lm):
     reward = verifier_reward(("toy",), raising, TOKENIZER.decode, delimiter=" ")
-    program = ppl.Generation(
-        lm,
-        jnp.asarray(PROMPT),
-        MAX_NEW,
-        EOS,
-        potentials=[ppl.rewards.incremental(reward)],
-        delimiter=delimiter_tokens(" ", TOKENIZER),
-        step="chunk",
-    )
+    program = ppl.Generation(lm, jnp.asarray(PROMPT), 2, EOS, potentials=[ppl.rewards.incremental(reward)])
     with pytest.raises(VerifierError, match="raising raised KeyError.*problem 0"):
         S.search(program, jax.random.key(0), 2, "particle_filter")
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # CI time; particle Gibbs itself is checked in test_gibbs
+def test_particle_gibbs_spends_its_budget_in_sweeps_and_returns_texts(lm):
+    program = toy_program(lm, "product", aggregate="product")
+    result = S.gibbs_search(program, jax.random.key(3), 12, n_particles=4)
+    particles = result.particles
+    assert result.sweeps == 3 and particles.length.shape == (2,)  # the first SMC run, then 2 sweeps
+    assert np.all(np.asarray(particles.finished)) and np.all(np.asarray(particles.length) <= MAX_NEW)
+    lengths = np.asarray(particles.length)
+    texts = [TOKENIZER.decode(row[:n].tolist()) for row, n in zip(np.asarray(particles.tokens), lengths)]
+    assert S.decide("particle_gibbs", texts, np.zeros(2), np.zeros(2)) in texts
+    with pytest.raises(ValueError, match="at least 2 sweeps"):
+        S.gibbs_search(program, jax.random.key(3), 4, n_particles=4)
 
 
 def test_bad_budgets_and_options_are_clear_errors(lm):
