@@ -3,7 +3,17 @@ majority vote, beam search, DVTS and speculative rejection, on arithmetic word p
 (``ppl.models.tasks``) with SmolLM2-135M-Instruct and a process reward as the likelihood.
 
     python benchmarks/scaling.py --task-seed 101 --budgets 4,8,16,32,64
-    python benchmarks/scaling.py --tiny            # two problems, budget 4: the CI smoke run
+    python benchmarks/scaling.py --task-seed 7 --budgets 8,32 --n-problems 200 --records r.jsonl
+    python benchmarks/scaling.py --summarize r.jsonl --budgets 8,32     # the table of a (partial) run
+    python benchmarks/scaling.py --tiny      # two problems, budget 4: a smoke run (a heavy test)
+
+The default size (one problem) is what fits 30 minutes on the 2-core CPU (RESULTS.md gives the
+per-problem cost); ``--n-problems`` sets the evaluation size, and ``--records`` appends every
+problem's results as it finishes, so a run stopped early still has complete paired comparisons.
+``--algorithms`` (default ``importance,particle_filter``) takes any of
+``ppl.inference.search.ALGORITHMS``; ``importance`` yields best-of-N, weighted best-of-N and
+majority vote (same samples), plus the single-sample accuracy, coverage (pass@N), the exact
+verifier's precision and the imperfect verifier's predicted and measured ceiling.
 
 Every algorithm gets the same budget ``N`` (particles; tokens and forward calls are reported
 too). Best-of-N, weighted best-of-N and majority vote are selection rules over one sampling
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task-seed", type=int, default=101)
     parser.add_argument("--budgets", default="4,8,16,32,64")
-    parser.add_argument("--n-problems", type=int, default=2)  # what fits 30 min here: RESULTS.md
+    parser.add_argument("--n-problems", type=int, default=1)  # what fits 30 min here: RESULTS.md
     parser.add_argument("--tier", type=int, default=1)
     parser.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
