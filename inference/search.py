@@ -4,9 +4,9 @@ Every algorithm runs on one chunked, reward-weighted generation program (a
 :class:`ppl.Generation` with ``step="chunk"`` whose *first* potential is the process
 reward, weighted by :func:`ppl.rewards.incremental`; see :mod:`ppl.models.process_rewards`)
 with ``N`` particles -- the budget. Each is one jitted program: a ``lax.scan`` over the
-reasoning steps of the public pieces in :mod:`ppl.inference.kernel`, batched over
-particles (no Python per particle or token), differing only in how the population is selected before a step and what is
-done to it after::
+reasoning steps of the public pieces in :mod:`ppl.inference.kernel`, batched over particles
+(no Python per particle or token), differing only in how the population is selected before
+a step and what is done to it after::
 
     state = init(program, key, N)
     for t in steps:                         # until every particle finished
@@ -31,7 +31,8 @@ done to it after::
   ``beam_width`` times), ``"dvts"`` (diverse verifier tree search: ``N / beam_width``
   independent subtrees, each keeps its best prefix and expands it ``beam_width`` times),
   ``"speculative_rejection"`` (after step ``reject_at`` the worst ``reject_fraction`` of the
-  particles by partial reward stop generating; best-of-N among the rest).
+  particles by partial reward stop generating; best-of-N among the rest). ePF is labelled
+  ``False`` in :data:`TARGETS_POSTERIOR` too: its ``log_z`` estimates its own adaptive target.
 
 The reward that ranks particles (``scores``) is the process reward's aggregate so far, read
 from its carry: ``log psi_t`` under ratio weighting, ``sum_s log psi_s`` under product.
