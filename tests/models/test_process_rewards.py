@@ -1,5 +1,6 @@
 """Process rewards from verifiers: aggregation, links, the noisy verifier, bad verifiers."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from ppl.models import tasks
 from ppl.models.process_rewards import (
     NoisyVerifier,
+    judge_reward,
     link_log_psi,
     predicted_ceiling,
     verifier_reward,
@@ -101,3 +103,19 @@ def test_the_floor_softens_each_failed_step():
 
 
 PROBLEM_SOLUTION = "19 + 5 = 24\n24 - 21 = 3\nAnswer: 3\n"
+
+
+def test_judge_reward_links_the_judges_probability_of_yes():
+    from ppl.models.scorers import LMJudge
+    from ppl.models.toy_lm import tiny_llama
+
+    judge = LMJudge(tiny_llama(0), jnp.array([6, 0], jnp.int32), jnp.array([4], jnp.int32), 0, 1)
+    tokens, lengths, done = jnp.array([[3, 1, -1], [2, 2, 2]]), jnp.array([2, 3]), jnp.array([False, True])
+    logit, log = judge_reward(judge, link="logit", temperature=2.0), judge_reward(judge, link="log")
+    # one compiled call: eager dispatch of a transformer's ops is what would cost time here
+    values = jax.jit(lambda: [f(tokens, lengths, done) for f in (judge, logit, log)])()
+    p_yes = np.exp(np.asarray(values[0], np.float64))
+    assert np.allclose(values[1], np.log(p_yes / (1 - p_yes)) / 2.0, atol=1e-4)
+    assert np.allclose(values[2], np.log(p_yes), atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        judge_reward(judge, temperature=0.0)
