@@ -121,11 +121,13 @@ class SearchResult(NamedTuple):
 class Rule(eqx.Module):
     """An algorithm's options. ``kind`` and the static options fix the compiled program;
     importance sampling and both particle filters are one ``kind``, ``"smc"``, that differ
-    only in the traced ``ess_threshold`` (0: never resample, 1: every step), so they share
-    one compilation."""
+    only in the traced ``ess_threshold`` (0: never resample, 1: every step), and beam search
+    and DVTS are ``"tree"``, told apart by the traced ``diverse``: each pair shares one
+    compilation."""
 
     kind: str = eqx.field(static=True)
     ess_threshold: Float[Array, ""]
+    diverse: Bool[Array, ""]  # kind "tree": DVTS's subtrees (else beam search); traced, one compilation
     resampling: str = eqx.field(static=True)
     beam_width: int = eqx.field(static=True)
     ess_floor: float = eqx.field(static=True)
@@ -190,10 +192,12 @@ def _select(program: Generation, state: SMCState, rule: Rule) -> tuple[Bool[Arra
     if kind == "speculative_rejection":
         return False, get_resampler(rule.resampling)
     alive = state.ess > 0
-    if kind in ("beam_search", "dvts"):
+    if kind == "tree":
         scores = reward_scores(state.particles)
-        pick = beam_ancestors if kind == "beam_search" else dvts_ancestors
-        return alive, lambda key, log_weights, n: pick(scores, rule.beam_width)
+        ancestors = jnp.where(
+            rule.diverse, dvts_ancestors(scores, rule.beam_width), beam_ancestors(scores, rule.beam_width)
+        )
+        return alive, lambda key, log_weights, n: ancestors
     return alive, get_resampler(rule.resampling)  # the tempered particle filter
 
 
@@ -277,8 +281,16 @@ def rule_for(
     get_resampler(resampling)
     threshold = {"importance": 0.0, "particle_filter": 1.0}.get(algorithm, ess_threshold)
     kind = "smc" if algorithm in ("importance", "particle_filter", "particle_filter_adaptive") else algorithm
+    kind = "tree" if algorithm in ("beam_search", "dvts") else kind
     return Rule(
-        kind, jnp.asarray(threshold, jnp.float32), resampling, beam_width, ess_floor, reject_at, reject_fraction
+        kind,
+        jnp.asarray(threshold, jnp.float32),
+        jnp.asarray(algorithm == "dvts"),
+        resampling,
+        beam_width,
+        ess_floor,
+        reject_at,
+        reject_fraction,
     )
 
 
