@@ -5,7 +5,7 @@ properly weighted result (see ``ppl.SMCResult``), or consumes one (PIMH, VI boun
 ``propagate``, ``rejuvenate``, ``finalize``, ...), for writing new variants.
 """
 
-from ppl.inference import kernel, resampling
+from ppl.inference import kernel, resampling, search
 from ppl.inference.arviz import to_inference_data
 from ppl.inference.bounds import Bounds, bidirectional_bounds
 from ppl.inference.gibbs import (
@@ -53,6 +53,7 @@ __all__ = [
     "importance",
     "iwae",
     "kernel",
+    "search",
     "particle_gibbs",
     "particle_gibbs_init",
     "particle_gibbs_step",

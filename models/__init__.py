@@ -3,7 +3,7 @@ the embedded SmolLM2 default (``ppl.models.smollm2()``), token-level constraints
 (``ppl.models.constraints``), scorers (``ppl.models.scorers``, needs the ``scorers`` extra)
 and toy models with exact answers (``ppl.models.toy``)."""
 
-from ppl.models import constraints, grammar, quant, toy
+from ppl.models import constraints, grammar, process_rewards, quant, task_programs, tasks, toy
 from ppl.models.checkpoints import load, load_model
 from ppl.models.constraints import TokenDFA
 from ppl.models.embedded import gemma3, gemma3_path, smollm2, smollm2_path
@@ -47,4 +47,7 @@ __all__ = [
     "smollm2",
     "smollm2_path",
     "toy",
+    "process_rewards",
+    "task_programs",
+    "tasks",
 ]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ppl import __version__
+from ppl import __version__, cli_scale
 
 EXAMPLES = """\
 examples (one per constraint kind; flags combine, their constraints intersect):
@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     steer.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     steer.add_argument("--cache-dir", help="persistent compilation cache folder (default: see below)")
     steer.add_argument("--no-cache", action="store_true", help="do not read or write compiled code on disk")
+    cli_scale.add_parser(commands)
     return parser
 
 
@@ -342,12 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ppl`` command (``ppl --help``)."""
     started = time.perf_counter()
     args = _parser().parse_args(argv)
-    if args.particles < 1:
-        raise SystemExit("--particles must be at least 1")
-    if args.max_tokens < 1:
-        raise SystemExit("--max-tokens must be at least 1")
+    if args.command == "scale":
+        work = lambda: _interruptible(lambda: cli_scale.run(args))  # noqa: E731
+    else:
+        if args.particles < 1:
+            raise SystemExit("--particles must be at least 1")
+        if args.max_tokens < 1:
+            raise SystemExit("--max-tokens must be at least 1")
+        work = lambda: steer(args, started)  # noqa: E731
     try:
-        return steer(args, started)
+        return work()
     except KeyboardInterrupt:
         print("\nppl: interrupted", file=sys.stderr, flush=True)
         sys.stdout.flush()
