@@ -19,7 +19,6 @@ multiple of 128) is padded with tokens that spell nothing, so constraints never 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +39,7 @@ from ppl.models.loaders import (
     dequantize,
     directory_tensors,
     gguf_hf_tensors,
+    gguf_rope_scaling,
     hf_config_dict,
     load_gguf,
     load_hf_checkpoint,
@@ -162,12 +162,7 @@ def gemma3_gguf_config(file: GGUFFile) -> Gemma3Config:
     get = lambda key, default=...: _metadata(file, f"gemma3.{key}", default)
     hidden, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
     head_dim = get("attention.key_length", hidden // heads if isinstance(hidden, int) and heads else 0)
-    scaling = None
-    if get("rope.scaling.type", None) == "linear":
-        factor = get("rope.scaling.factor")
-        if not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
-            raise CheckpointError(f"{file.path}: rope.scaling.factor={factor!r} is not a positive number")
-        scaling = {"rope_type": "linear", "factor": float(factor)}
+    scaling = gguf_rope_scaling(file, get)
     return make_config(
         file.path,
         CheckpointError,

@@ -227,12 +227,7 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
     get = lambda key, default=...: _metadata(file, f"{arch}.{key}", default)
     heads = get("attention.head_count")
     hidden = get("embedding_length")
-    scaling = None
-    if get("rope.scaling.type", None) == "linear":
-        factor = get("rope.scaling.factor")
-        if not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
-            raise CheckpointError(f"{file.path}: rope.scaling.factor={factor!r} is not a positive number")
-        scaling = {"rope_type": "linear", "factor": float(factor)}
+    scaling = gguf_rope_scaling(file, get)
     return make_config(
         file.path,
         CheckpointError,
@@ -251,6 +246,17 @@ def gguf_config(file: GGUFFile) -> LlamaConfig:
         output_bias="blk.0.attn_output.bias" in file.tensors,
         qk_norm="blk.0.attn_q_norm.weight" in file.tensors,
     )
+
+
+def gguf_rope_scaling(file: GGUFFile, get: Callable[..., Any]) -> dict[str, Any] | None:
+    """The HF ``rope_scaling`` of a GGUF file's ``{arch}.rope.scaling.*`` metadata (``get``
+    reads ``{arch}.KEY``): linear scaling or none (Llama 3.1 stores its scaling as a tensor)."""
+    if get("rope.scaling.type", None) != "linear":
+        return None
+    factor = get("rope.scaling.factor")
+    if not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        raise CheckpointError(f"{file.path}: rope.scaling.factor={factor!r} is not a positive number")
+    return {"rope_type": "linear", "factor": float(factor)}
 
 
 def load_gguf(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32, quantized: bool = False) -> Llama:

@@ -187,6 +187,8 @@ def test_bad_input(hmm):
         kernel.rejuvenate(program, jax.random.key(0), kernel.init(program, jax.random.key(0), 8), 5, suffix_mh(3))
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # CI time; the kernel pieces are checked with and without jit in test_smc
 def test_same_key_same_result_with_and_without_jit():
     """Resample-move eagerly (``jax.disable_jit``) and compiled: identical particles, weights,
     acceptance and trajectories."""

@@ -160,6 +160,8 @@ def chi_square_p(counts: np.ndarray, probabilities: np.ndarray) -> float:
     return float(stats.chisquare(counts, expected).pvalue)
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # CI time; PMMH is checked against the exact HMM posterior in CI
 def test_pmmh_over_prompts_samples_prior_times_evidence():
     """Stationarity of the PMMH kernel with the independence proposal: 1200 chains × 30
     iterations, N = 8 particles, all started at θ = 0 (the prompt whose Ẑ is noisiest,
@@ -217,6 +219,8 @@ def test_language_model_temperature_tempers_sampling_and_scoring():
     assert p_value > 1e-3 and p_untempered < 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # CI time; PMMH is checked against the exact HMM posterior in CI
 def test_nuts_recovers_the_language_model_temperature():
     """A NumPyro model ``τ ~ LogNormal(0, 0.5)``, 50 observed four-token continuations
     ``~ LanguageModel(tiny Llama, temperature=τ)`` sampled at τ0 = 0.6; NUTS (300 warmup +

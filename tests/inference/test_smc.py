@@ -54,6 +54,8 @@ def test_hmm_locally_optimal_proposal_is_unbiased_and_better(hmm):
     assert optimal.var() < 0.5 * bootstrap.var()
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # CI time; the bigram test below checks error shrinking with N in CI
 def test_kalman_log_evidence_converges():
     """|mean log Ẑ - log Z| shrinks from N = 64 to 1024 and is < 0.04 nats at N = 1024.
 

@@ -146,6 +146,8 @@ def test_resample_move_keeps_the_evidence_unbiased(world):
     assert abs(ratios.mean() - 1) < 3 * standard_error
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # CI time; particle Gibbs is checked against exact posteriors in test_gibbs
 def test_particle_gibbs_samples_the_continuous_latent(world):
     """Particle Gibbs with ancestor sampling (the reference's z is pinned at init, its tokens
     at every step), 500 chains × 15 sweeps, N = 8: the final z's mean within 4.5 SE of the

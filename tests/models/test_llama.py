@@ -92,6 +92,7 @@ GEMMA3_PROMPTS = [
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI time (~2 min and the Gemma packages' install); tiny Gemma 3 checkpoints match HF in CI
 def test_gemma3_matches_hf(gemma3_pair, gemma3_file):
     """Gemma 3 270M against HF on the same dequantised tensors: logits on 5 prompts (cut to the
     shortest's length, so one compilation serves all) and 16 greedy tokens decoded with a cache."""

@@ -110,6 +110,7 @@ def test_smollm2_packed_logits_equal_fp32_path(small_smollm2, kind):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI time; CI checks the packed path on two layers of the same file
 def test_whole_smollm2_packed_logits_equal_fp32_path(smollm2_file):
     """All 30 layers and the 49,152-token head."""
     packed, dense = load_gguf(smollm2_file, quantized=True), load_gguf(smollm2_file, quantized=False)
